@@ -1,0 +1,1 @@
+"""stablelm_lsp.inference."""

@@ -1,0 +1,119 @@
+"""The engine interface that lsp/ talks to.
+
+lsp/ never touches token ids, tensors or models: it builds prompt *text* and hands a
+`GenerationRequest` to a `Backend`. The in-process engine implements it (`LocalBackend`,
+inference/backend.py); a remote OpenAI-compatible server (vLLM, TGI) can implement the same
+interface later, which is why everything here is text, not token ids.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot serve (empty prompt, too long, bad parameters)."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Text of the special tokens a prompt format may use; None when the tokenizer lacks one."""
+
+    eos: str | None = None
+    bos: str | None = None
+    fim_prefix: str | None = None
+    fim_suffix: str | None = None
+    fim_middle: str | None = None
+    fim_pad: str | None = None
+    file_sep: str | None = None
+    repo_name: str | None = None
+
+    @property
+    def has_fim(self) -> bool:
+        return bool(self.fim_prefix and self.fim_suffix and self.fim_middle)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str                       # human-readable: the model id or folder name
+    path: str                       # where it was loaded from
+    model_type: str                 # stablelm | persimmon | starcoder2
+    builtin: bool                   # the model shipped with the project
+    max_positions: int
+    special: SpecialTokens
+    stop_texts: tuple[str, ...]     # special tokens that end a code completion
+    chat_template: str | None = None  # jinja source from tokenizer_config.json
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str                     # full prompt text; special-token strings are parsed as specials
+    max_new_tokens: int = 64
+    temperature: float = 0.0        # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()      # stop strings (matched across token boundaries)
+    use_model_stops: bool = True    # also stop at EOS and the family's stop tokens
+    max_lines: int | None = None    # stop after this many newline-terminated lines
+    time_budget_s: float | None = None
+    key: str | None = None          # scheduling key (document URI): newer supersedes older
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"   # length | eos | stop | max_lines | time | cancelled | superseded
+    prompt_tokens: int = 0
+    reused_tokens: int = 0          # prompt tokens whose KV came from the cache
+    elapsed_s: float = 0.0
+
+
+class Backend(abc.ABC):
+    """What lsp/ needs from an inference engine, local or remote."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` takes inside a prompt (specials parsed); used for prompt budgets."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event | None = None,
+        on_delta: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Blocking generation, safe to call from any thread.
+
+        `cancel` set from another thread stops generation within one decode step
+        (finish_reason "cancelled"); `on_delta` receives text deltas as they are produced, never
+        splitting a multi-byte character. A newer request with the same `key` supersedes this one
+        (finish_reason "superseded").
+        """
+
+    async def agenerate(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event | None = None,
+        on_delta: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """`generate` from asyncio: runs in a thread; cancelling the awaiting task sets `cancel`."""
+        cancel = cancel or threading.Event()
+        try:
+            return await asyncio.to_thread(self.generate, request, cancel, on_delta)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def close(self) -> None:
+        """Release the device; the backend is unusable afterwards."""
