@@ -1,0 +1,345 @@
+"""One decoder for StableLM, Persimmon and StarCoder2; the families differ only by ModelConfig.
+
+Shapes: B batch, T new tokens, S keys attended, H query heads, K kv heads, D head_dim.
+Weights are stored the way the math wants them (q, k and v fused into one projection in the order
+[q heads | k heads | v heads]); checkpoint.py maps the Hub's tensor names onto them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """nn.LayerNorm with an optional bias (a checkpoint without norm biases means zero bias)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """StableLM's qk-layernorm: one bias-free LayerNorm(D) per head; weight [heads, D]."""
+
+    def __init__(self, heads: int, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, heads, D]
+        return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * self.weight
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+def _activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "relu2":
+        return lambda x: torch.square(F.relu(x))
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = _linear(cfg.hidden_size, (h + 2 * k) * d, cfg.qkv_bias)
+        self.o = _linear(h * d, cfg.hidden_size, cfg.o_bias)
+        if cfg.qk_norm == "per_head":
+            self.q_norm = PerHeadLayerNorm(h, d, cfg.norm_eps)
+            self.k_norm = PerHeadLayerNorm(k, d, cfg.norm_eps)
+        elif cfg.qk_norm == "shared":
+            self.q_norm = LayerNorm(d, cfg.norm_eps)
+            self.k_norm = LayerNorm(d, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, layer: int, cache: "KVCache | None", attn: "AttentionInputs"):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, key, v = self.qkv(x).split([h * d, k * d, k * d], dim=-1)
+        q, key, v = q.view(b, t, h, d), key.view(b, t, k, d), v.view(b, t, k, d)
+        if self.q_norm is not None:
+            q, key = self.q_norm(q), self.k_norm(key)
+        q, key = _rope(q, cos, sin, cfg.rotary_dim), _rope(key, cos, sin, cfg.rotary_dim)
+        q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if cache is not None:
+            key, v = cache.write(layer, key, v, attn)
+        out = F.scaled_dot_product_attention(
+            q, key, v, attn_mask=attn.mask, is_causal=attn.is_causal, enable_gqa=(h != k))
+        return self.o(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """NeoX rotate-half RoPE on the first rotary_dim dims; x [B, T, heads, D], cos/sin [T, rd]."""
+    if rotary_dim == 0:
+        return x
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp_gated
+        self.act = _activation(cfg.activation)
+        # gated: up holds [gate; up] fused, as in the math down(act(gate(x)) * up(x))
+        self.up = _linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.mlp_gated else 1), cfg.mlp_bias)
+        self.down = _linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gated:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.parallel = cfg.parallel_residual
+        self.ln1 = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ln2 = None if cfg.parallel_residual else LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layer, cache, attn):
+        h = self.ln1(x)
+        if self.parallel:
+            return x + self.attn(h, cos, sin, layer, cache, attn) + self.mlp(h)
+        x = x + self.attn(h, cos, sin, layer, cache, attn)
+        return x + self.mlp(self.ln2(x))
+
+
+class AttentionInputs:
+    """What every layer's attention needs for one forward step, computed once per step.
+
+    Keys are addressed by cache slot; `slots` [T] are where this step's keys go, and `mask`
+    [T, S] (True = attend) is None when plain causal attention (or none, for T == 1) is exact.
+    """
+
+    __slots__ = ("slots", "kv_len", "mask", "is_causal")
+
+    def __init__(self, slots, kv_len, mask, is_causal):
+        self.slots, self.kv_len, self.mask, self.is_causal = slots, kv_len, mask, is_causal
+
+
+class KVCache:
+    """Preallocated keys and values of one sequence, all layers: [layers, B, K, capacity, D].
+
+    Linear caches hold position p at slot p. Sliding-window models use a ring: slot p % capacity,
+    with `positions[slot]` recording which position a slot holds (-1: empty), so memory stays at
+    `capacity` entries however long the sequence gets (capacity >= window). `length` is the number
+    of tokens processed so far, i.e. the position the next token gets.
+    """
+
+    def __init__(self, cfg: ModelConfig, capacity: int, *, device=None, dtype=torch.float32, batch: int = 1):
+        self.cfg = cfg
+        self.window = cfg.sliding_window
+        if self.window is not None and capacity < self.window:
+            capacity = self.window  # a ring shorter than the window would lose needed keys
+        self.capacity = int(capacity)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, self.capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def ring(self) -> bool:
+        return self.window is not None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def oldest_position(self) -> int:
+        """The first position whose keys are still held."""
+        return max(0, self.length - self.capacity) if self.ring else 0
+
+    @property
+    def max_step(self) -> int:
+        """Most tokens one forward step may add without overwriting keys it still needs."""
+        if not self.ring:
+            return max(0, self.capacity - self.length)
+        return self.capacity - self.window + 1
+
+    def can_truncate(self, n: int) -> bool:
+        """Whether keeping positions < n and continuing from n is exact with what is held."""
+        if n < 0 or n > self.length:
+            return False
+        if not self.ring:
+            return True
+        needed = max(0, n - self.window + 1)  # the query at n attends keys from n - W + 1
+        return needed >= self.oldest_position
+
+    def truncate(self, n: int) -> None:
+        if not self.can_truncate(n):
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        if self.ring:
+            self.positions[self.positions >= n] = -1
+        self.length = n
+
+    def reset(self) -> None:
+        self.positions.fill_(-1)
+        self.length = 0
+
+    def ensure_capacity(self, n: int) -> None:
+        """Grow (geometrically) so that n positions fit; rings never need more than they have."""
+        if self.ring or n <= self.capacity:
+            return
+        new_cap = max(n, int(self.capacity * 1.5) + 16)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+        self.positions = torch.cat(
+            [self.positions, self.positions.new_full((new_cap - self.capacity,), -1)])
+        self.capacity = new_cap
+
+    def copy_prefix_from(self, other: "KVCache", n: int) -> None:
+        """Make this cache hold `other`'s first n positions (other must be able to truncate to n)."""
+        if not other.can_truncate(n):
+            raise ValueError(f"the source cache no longer holds what position {n} needs")
+        if self.ring:
+            if self.capacity != other.capacity:
+                raise ValueError("ring caches must have the same capacity to copy")
+            self.k.copy_(other.k)
+            self.v.copy_(other.v)
+            self.positions.copy_(other.positions)
+            self.length = other.length
+            self.truncate(n)
+            return
+        self.ensure_capacity(n)
+        self.k[:, :, :, :n] = other.k[:, :, :, :n]
+        self.v[:, :, :, :n] = other.v[:, :, :, :n]
+        self.length = n
+
+    def plan(self, t: int) -> AttentionInputs:
+        """Slots and mask for appending t tokens at positions length .. length + t - 1."""
+        start, device = self.length, self.k.device
+        if not self.ring:
+            end = start + t
+            if end > self.capacity:
+                raise ValueError(f"KV cache holds {self.capacity} positions, {end} needed")
+            slots = torch.arange(start, end, device=device)
+            if t == 1 or start == 0:  # plain causal attention is exact here
+                return AttentionInputs(slots, end, None, t > 1)
+            q_pos = slots[:, None]
+            k_pos = torch.arange(end, device=device)[None, :]
+            return AttentionInputs(slots, end, k_pos <= q_pos, False)
+        if t > self.max_step:
+            raise ValueError(f"a ring of {self.capacity} slots takes at most {self.max_step} tokens a step")
+        q_pos = torch.arange(start, start + t, device=device)
+        slots = q_pos % self.capacity
+        self.positions[slots] = q_pos
+        kv_len = min(self.capacity, start + t)
+        k_pos = self.positions[:kv_len][None, :]
+        mask = (k_pos >= 0) & (k_pos <= q_pos[:, None]) & (k_pos > q_pos[:, None] - self.window)
+        return AttentionInputs(slots, kv_len, mask, False)
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, attn: AttentionInputs):
+        """Store this step's keys/values [B, K, T, D]; return the keys/values to attend over."""
+        k, v = self.k[layer], self.v[layer]
+        if not self.ring:
+            start = attn.kv_len - key.shape[2]
+            k[:, :, start: attn.kv_len] = key
+            v[:, :, start: attn.kv_len] = value
+        else:
+            k.index_copy_(2, attn.slots, key)
+            v.index_copy_(2, attn.slots, value)
+        return k[:, :, : attn.kv_len], v[:, :, : attn.kv_len]
+
+
+class Decoder(nn.Module):
+    """Token ids in, logits out; with a KVCache, positions continue at cache.length."""
+
+    def __init__(self, cfg: ModelConfig, tie_word_embeddings: bool | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
+        self.lm_head = None if tie else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def tied(self) -> bool:
+        return self.lm_head is None
+
+    def rope_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [n, rotary_dim] in float32, grown on demand (computed as transformers does)."""
+        cached = self._rope_cache
+        if cached is None or cached[0].shape[0] < n or cached[0].device != torch.device(device):
+            size = max(n, self.cfg.max_positions)
+            rd = self.cfg.rotary_dim
+            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd))
+            freqs = torch.arange(size, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = cached = (emb.cos().to(device), emb.sin().to(device))
+        return cached
+
+    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, capacity, device=p.device, dtype=p.dtype, batch=batch)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> float32 logits [B, T, V] ([B, 1, V] with last_only).
+
+        A ring cache takes long inputs in several steps (each at most cache.max_step tokens).
+        """
+        if cache is not None and cache.ring and input_ids.shape[1] > cache.max_step:
+            logits = []
+            for chunk in input_ids.split(cache.max_step, dim=1):
+                logits.append(self.forward(chunk, cache, last_only))
+            return logits[-1] if last_only else torch.cat(logits, dim=1)
+        b, t = input_ids.shape
+        start = cache.length if cache is not None else 0
+        x = self.embed(input_ids)
+        cos, sin = self.rope_tables(start + t, x.device)
+        cos, sin = cos[start: start + t].to(x.dtype), sin[start: start + t].to(x.dtype)
+        attn = cache.plan(t) if cache is not None else self._plan_uncached(t, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, i, cache, attn)
+        if cache is not None:
+            cache.length = start + t
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def _plan_uncached(self, t: int, device) -> AttentionInputs:
+        w = self.cfg.sliding_window
+        if w is None or w >= t:
+            return AttentionInputs(None, t, None, t > 1)
+        pos = torch.arange(t, device=device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - w)
+        return AttentionInputs(None, t, mask, False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,80 @@
+"""The decoder against transformers' reference implementation, for all six variants (float32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stablelm_lsp.models import KVCache, load_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def reference(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt_ids(loaded, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, loaded.config.vocab_size, (1, n), generator=g)
+
+
+def greedy(loaded, ids: torch.Tensor, steps: int, capacity: int | None = None) -> list[int]:
+    cache = loaded.model.new_cache(capacity or ids.shape[1] + steps)
+    logits = loaded.model(ids, cache, last_only=True)
+    out = []
+    for _ in range(steps):
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        logits = loaded.model(torch.tensor([[nxt]]), cache, last_only=True)
+    return out
+
+
+def test_full_forward_logits_match_transformers(any_checkpoint):
+    variant, path = any_checkpoint
+    loaded = load_model(path, device="cpu", dtype="float32")
+    ids = prompt_ids(loaded, 48)  # longer than the StarCoder2 variants' window of 16
+    with torch.no_grad():
+        expected = reference(path)(ids).logits
+    got = loaded.model(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_then_decode_equals_full_forward(any_checkpoint):
+    variant, path = any_checkpoint
+    loaded = load_model(path, device="cpu", dtype="float32")
+    ids = prompt_ids(loaded, 48, seed=1)
+    full = loaded.model(ids)
+    # capacity 20 makes the StarCoder2 ring (window 16) wrap twice; linear caches just fit
+    cache = loaded.model.new_cache(20 if loaded.config.sliding_window else 48)
+    steps = [loaded.model(ids[:, :24], cache)]
+    for t in range(24, 48):
+        steps.append(loaded.model(ids[:, t: t + 1], cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 48
+    if loaded.config.sliding_window:
+        assert cache.capacity == 20  # memory stayed bounded by the window
+
+
+def test_64_greedy_tokens_match_transformers_generate(any_checkpoint):
+    variant, path = any_checkpoint
+    loaded = load_model(path, device="cpu", dtype="float32")
+    ids = prompt_ids(loaded, 12, seed=2)
+    with torch.no_grad():
+        expected = reference(path).generate(ids, max_new_tokens=64, do_sample=False)[0, 12:].tolist()
+    cap = 24 if loaded.config.sliding_window else None
+    assert greedy(loaded, ids, 64, capacity=cap) == expected
+
+
+def test_ring_cache_truncate_rules(starcoder2_checkpoint):
+    loaded = load_model(starcoder2_checkpoint, device="cpu")
+    cache: KVCache = loaded.model.new_cache(20)  # window 16
+    loaded.model(prompt_ids(loaded, 40), cache)
+    assert cache.oldest_position == 20
+    assert cache.can_truncate(40) and cache.can_truncate(35)   # needs keys from 20 (resp. 20)
+    assert not cache.can_truncate(34)                           # would need key 19, overwritten
+    cache.truncate(36)
+    assert cache.length == 36 and int((cache.positions >= 36).sum()) == 0
