@@ -1,0 +1,185 @@
+"""Generation on token ids: prefix reuse across requests, chunked prefill, sampling, stopping,
+cancellation, one worker thread owning the model.
+
+The engine knows nothing of text: prompts are token ids, results are token ids. inference/backend.py
+puts a tokenizer in front of it.
+
+Invariant: for every cached slot, `slot.tokens` lists exactly the positions its KVCache holds.
+Prefill runs in chunks and records each one as it completes, so a request stopped at any point
+(cancelled, superseded, out of time) leaves everything it computed reusable by the next one.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import EmptyPrompt, PromptTooLong, TokenOutOfRange
+from .prefix_cache import PrefixCache, Slot
+from .sampling import Sampler, SamplingParams
+from .scheduler import Job, Scheduler
+from .stopping import TokenStops
+
+# Prompt tokens run per forward step during prefill: large enough to keep the matrix units busy,
+# small enough that a cancel or a newer keystroke is noticed quickly.
+PREFILL_CHUNK = {"cpu": 256, "cuda": 1024}
+# Default KV budget on a CPU: this share of physical memory, at most _CPU_BUDGET_MAX bytes.
+_CPU_BUDGET_SHARE = 0.15
+_CPU_BUDGET_MAX = 4 << 30
+# On CUDA: this share of the memory free once the weights are loaded.
+_CUDA_BUDGET_SHARE = 0.5
+
+
+@dataclass
+class EngineResult:
+    token_ids: list[int] = field(default_factory=list)   # generated ids, a final stop id included
+    finish_reason: str = "length"   # length | eos | stop | max_lines | time | cancelled | superseded
+    prompt_tokens: int = 0
+    reused_tokens: int = 0          # prompt tokens whose keys/values came from the cache
+    elapsed_s: float = 0.0          # from the call to the answer, queueing included
+
+
+# Called with each sampled token id (stop ids excepted) on the worker thread; returns a finish
+# reason to stop after this token ("stop", "max_lines") or None to go on.
+TokenCallback = Callable[[int], "str | None"]
+
+
+class Engine:
+    def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None):
+        """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype)."""
+        self.model = loaded.model
+        self.config = loaded.config
+        self.device = torch.device(loaded.device)
+        self.dtype = loaded.dtype
+        cfg = self.config
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, 256)
+        # A ring of window + chunk - 1 entries takes a whole prefill chunk per step (max_step).
+        ring = cfg.sliding_window + self.prefill_chunk - 1 if cfg.sliding_window else None
+        if budget_tokens is None:
+            budget_tokens = default_budget_tokens(cfg, self.device, self.dtype, ring)
+        self.prefix_cache = PrefixCache(self.model.new_cache, budget_tokens, cfg.max_positions, ring)
+        self.scheduler = Scheduler()
+
+    def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
+                 time_budget_s: float | None = None, on_token: TokenCallback | None = None,
+                 key: str | None = None, cancel: threading.Event | None = None) -> EngineResult:
+        """Blocking; safe from any thread. Bad input raises a GenerationError subclass before
+        anything is queued."""
+        started = time.monotonic()
+        tokens = self._check_prompt(prompt_ids)
+        # Positions used: the prompt plus every generated token but the last (never fed back).
+        room = self.config.max_positions - len(tokens) + 1
+        stops = TokenStops.build(max_new_tokens, stop_ids, time_budget_s)
+        if room < max_new_tokens:
+            stops = TokenStops(room, stops.stop_ids, stops.deadline)
+        needed = len(tokens) + stops.max_new_tokens - 1
+        self.prefix_cache.check_fits(needed)
+
+        def run(job: Job) -> EngineResult:
+            return self._run(job, tokens, needed, sampling, stops, on_token, started)
+
+        def dropped(reason: str) -> EngineResult:
+            return EngineResult([], reason, len(tokens), 0, time.monotonic() - started)
+
+        return self.scheduler.run(run, dropped, key=key, cancel=cancel)
+
+    def clear_cache(self) -> None:
+        """Forget every cached sequence (runs between requests, on the worker)."""
+        self.scheduler.run(lambda job: self.prefix_cache.clear(), lambda reason: None)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.prefix_cache.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
+        tokens = [int(t) for t in prompt_ids]
+        if not tokens:
+            raise EmptyPrompt("the prompt is empty: at least one token is needed")
+        vocab = self.config.vocab_size
+        for i, t in enumerate(tokens):
+            if not 0 <= t < vocab:
+                raise TokenOutOfRange(f"prompt token {i} has id {t}, outside the vocabulary [0, {vocab})")
+        if len(tokens) > self.config.max_positions:
+            raise PromptTooLong(f"the prompt has {len(tokens)} tokens; the model takes at most "
+                                f"{self.config.max_positions} positions")
+        return tokens
+
+    @torch.inference_mode()
+    def _run(self, job: Job, tokens: list[int], needed: int, sampling: SamplingParams,
+             stops: TokenStops, on_token: TokenCallback | None, started: float) -> EngineResult:
+        slot, reused = self.prefix_cache.acquire(tokens, needed, job.key)
+        result = EngineResult([], "length", len(tokens), reused)
+        try:
+            logits, result.finish_reason = self._prefill(job, slot, tokens, stops)
+            if logits is not None:
+                result.finish_reason = self._decode(job, slot, logits, sampling, stops, on_token,
+                                                    result.token_ids)
+        finally:
+            self.prefix_cache.release(slot)
+        result.elapsed_s = time.monotonic() - started
+        return result
+
+    def _prefill(self, job: Job, slot: Slot, tokens: list[int], stops: TokenStops):
+        """Runs the prompt tokens the slot lacks, chunk by chunk -> (last logits [V], None), or
+        (None, reason) when the request is stopped between chunks."""
+        pending = tokens[len(slot.tokens):]
+        step = min(self.prefill_chunk, slot.cache.max_step) if slot.cache.ring else self.prefill_chunk
+        logits = None
+        for start in range(0, len(pending), step):
+            reason = job.stop_reason() or stops.time_reason()
+            if reason:
+                return None, reason
+            logits = self._forward(slot, pending[start:start + step])
+        return logits, None
+
+    def _decode(self, job: Job, slot: Slot, logits: torch.Tensor, sampling: SamplingParams,
+                stops: TokenStops, on_token: TokenCallback | None, generated: list[int]) -> str:
+        sampler = Sampler(sampling, self.device)
+        while True:
+            token = sampler(logits)
+            generated.append(token)
+            if token in stops.stop_ids:
+                return "eos"
+            reason = (on_token(token) if on_token else None) or stops.limit_reason(len(generated))
+            reason = reason or job.stop_reason()
+            if reason:
+                return reason
+            logits = self._forward(slot, [token])
+
+    def _forward(self, slot: Slot, ids: list[int]) -> torch.Tensor:
+        """Runs `ids` after what the slot holds -> logits [V] of the last one."""
+        try:
+            logits = self.model(torch.tensor([ids], device=self.device), slot.cache, last_only=True)
+        except BaseException:
+            # A step that failed part-way may have overwritten entries (a ring's oldest keys):
+            # the slot can no longer be trusted.
+            self.prefix_cache.drop(slot)
+            raise
+        slot.tokens.extend(ids)
+        return logits[0, -1]
+
+
+def default_budget_tokens(config, device: torch.device, dtype: torch.dtype,
+                          ring_capacity: int | None) -> int:
+    """KV positions to keep across requests: a share of the device's memory, and never less than
+    one request of the longest allowed length needs."""
+    per_token = config.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget_bytes = int(free * _CUDA_BUDGET_SHARE)
+    else:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget_bytes = min(_CPU_BUDGET_MAX, int(physical * _CPU_BUDGET_SHARE))
+    longest = ring_capacity if ring_capacity is not None else config.max_positions
+    return max(budget_bytes // per_token, longest)

@@ -1,0 +1,31 @@
+"""Specific reasons a generation request is refused; all are `GenerationError`s (inference/api.py).
+
+Each is raised before any model work starts, so the engine stays usable afterwards.
+"""
+from __future__ import annotations
+
+from .api import GenerationError
+
+
+class EmptyPrompt(GenerationError):
+    """The prompt has no tokens."""
+
+
+class TokenOutOfRange(GenerationError):
+    """A prompt token id is negative or not below the model's vocabulary size."""
+
+
+class InvalidParameter(GenerationError):
+    """A generation parameter is out of its range (max_new_tokens <= 0, top_p > 1, ...)."""
+
+
+class PromptTooLong(GenerationError):
+    """The prompt needs more positions than the model has."""
+
+
+class BudgetTooSmall(GenerationError):
+    """The engine's KV-cache budget cannot hold even this one request."""
+
+
+class EngineClosed(GenerationError):
+    """The engine was closed; no more requests are accepted."""

@@ -1,0 +1,71 @@
+"""Choosing the next token from a row of logits: greedy, temperature, top-k, top-p, seeded.
+
+Works on one sequence's logits (`[V]` float32). Randomness comes only from a `torch.Generator`
+owned by the `Sampler`, so the same seed on the same device gives the same tokens.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidParameter
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0        # 0 = greedy (argmax); top_k / top_p / seed are then unused
+    top_k: int = 0                  # 0 = no top-k cut
+    top_p: float = 1.0              # 1.0 = no nucleus cut
+    seed: int | None = None         # None = a fresh random seed per request
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise InvalidParameter(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidParameter(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class Sampler:
+    """Draws tokens for one request; holds that request's random state."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: [V] float32 of the last position -> the chosen token id."""
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        probs = self.distribution(logits)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """[V] probabilities after temperature, top-k and top-p (zero outside the kept set)."""
+        p = self.params
+        scaled = logits.float() / p.temperature
+        if p.top_k and p.top_k < scaled.shape[-1]:
+            # Everything below the k-th largest value is cut (ties at the k-th value are kept).
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            sorted_probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the tokens more likely than it already reach top_p; the most
+            # likely token is always kept.
+            mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+            drop_sorted = mass_before >= p.top_p
+            drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+            scaled = scaled.masked_fill(drop, float("-inf"))
+        return torch.softmax(scaled, dim=-1)
