@@ -1,0 +1,293 @@
+"""Completion prompts: pure functions of document text, special-token text and a token counter.
+
+The layout keeps the engine's KV cache valid while the user types:
+
+    [context: other open files, stable]  [prefix: lines before the cursor line]
+    [suffix: rest of the cursor line, following lines]  [middle marker + cursor line up to cursor]
+
+Typing inside a line only appends to the last part. The prefix is cut at line boundaries, its first
+line always a multiple of `CHUNK_LINES`, and its token budget does not depend on the cursor line, so
+the prompt's start stays put while typing and moves in steps of whole chunks as the file grows.
+"""
+from __future__ import annotations
+
+import string
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from stablelm_lsp.inference.api import SpecialTokens
+
+from .documents import line_content
+
+CHUNK_LINES = 16           # prefix and context cuts fall on multiples of this many lines
+MAX_CHARS_PER_TOKEN = 16   # text looked at per token of budget: bounds work on huge lines
+MIDDLE_SHARE = 1 / 8       # budget reserved for the cursor line, so typing never moves the prefix
+SUFFIX_SHARE = 0.2         # the suffix's guaranteed share; it gets more when the prefix is short
+CONTEXT_SHARE = 0.25       # at most this much for other open files
+MIDDLE_CUT_STEP = 256      # a cursor line too long for its budget is cut at multiples of this
+NEXT_LINES = 8             # lines after the cursor line handed to post-processing
+
+# Built-in layouts, written in the same template language users can override them with.
+FIM_REPO_TEMPLATE = "{context}{file_sep}{fim_prefix}{path}\n{prefix}{fim_suffix}{suffix}{fim_middle}{middle}"
+FIM_TEMPLATE = "{fim_prefix}{prefix}{fim_suffix}{suffix}{fim_middle}{middle}"
+PREFIX_TEMPLATE = "{prefix}{middle}"
+
+_TEXT_FIELDS = ("context", "prefix", "suffix", "middle", "path", "repo")
+_SPECIAL_FIELDS = ("fim_prefix", "fim_suffix", "fim_middle", "fim_pad", "file_sep", "repo_name",
+                   "eos", "bos")
+
+
+class TemplateError(ValueError):
+    """A prompt template that cannot be rendered for this model."""
+
+
+class TokenCounter:
+    """Token counts of prompt pieces, cached by text: the same lines are counted on every keystroke."""
+
+    def __init__(self, count: Callable[[str], int], max_entries: int = 1 << 16):
+        self._count = count
+        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._max_entries = max_entries
+
+    def __call__(self, text: str) -> int:
+        if not text:
+            return 0
+        cached = self._cache.get(text)
+        if cached is not None:
+            self._cache.move_to_end(text)
+            return cached
+        tokens = self._count(text)
+        self._cache[text] = tokens
+        if len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+        return tokens
+
+
+class PromptTemplate:
+    """A prompt layout with `{field}` placeholders (`{{`/`}}` for literal braces).
+
+    Text fields: context, prefix, suffix, middle, path, repo. Special tokens: fim_prefix, fim_suffix,
+    fim_middle, fim_pad, file_sep, repo_name, eos, bos (an error if the model's tokenizer lacks one).
+    For the cache to survive typing, `{middle}` should come last.
+    """
+
+    def __init__(self, source: str):
+        try:
+            parsed = list(string.Formatter().parse(source))
+        except ValueError as exc:   # unbalanced braces
+            raise TemplateError(f"prompt template: {exc}") from None
+        fields = []
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if spec or conversion or not name.isidentifier():
+                raise TemplateError(f"prompt template: field {{{name}}} must be a plain name")
+            fields.append(name)
+        unknown = sorted({f for f in fields if f not in _TEXT_FIELDS + _SPECIAL_FIELDS})
+        if unknown:
+            raise TemplateError(f"prompt template: unknown field(s) {', '.join(unknown)}; known: "
+                                f"{', '.join(_TEXT_FIELDS + _SPECIAL_FIELDS)}")
+        for required in ("prefix", "middle"):
+            if required not in fields:
+                raise TemplateError(f"prompt template: needs a {{{required}}} field")
+        self.source = source
+        self.fields = frozenset(fields)
+
+    def missing_specials(self, special: SpecialTokens) -> list[str]:
+        return [f for f in _SPECIAL_FIELDS if f in self.fields and getattr(special, f) is None]
+
+    def render(self, special: SpecialTokens, **text: str) -> str:
+        missing = self.missing_specials(special)
+        if missing:
+            raise TemplateError(f"prompt template uses {', '.join(missing)}, which this model's "
+                                "tokenizer does not have")
+        values = {f: getattr(special, f) or "" for f in _SPECIAL_FIELDS}
+        values.update(text)
+        return self.source.format_map(values)
+
+
+def default_template(special: SpecialTokens) -> PromptTemplate:
+    """The layout the model's special tokens allow: repository FIM, plain FIM or prefix only."""
+    if special.has_fim and special.file_sep:
+        return PromptTemplate(FIM_REPO_TEMPLATE)
+    if special.has_fim:
+        return PromptTemplate(FIM_TEMPLATE)
+    return PromptTemplate(PREFIX_TEMPLATE)
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    """Another open file offered as context."""
+
+    path: str
+    lines: Sequence[str]       # with terminators
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    line_before: str           # the cursor line up to the cursor (all of it)
+    line_after: str            # the cursor line after the cursor, without terminator
+    next_lines: tuple[str, ...]  # contents of the lines after the cursor line
+    prefix_start: int          # first document line in the prompt
+    suffix_end: int            # first document line after the prompt's suffix
+    middle_start: int          # index in the cursor line where the prompt's copy of it starts
+    context_paths: tuple[str, ...]
+    tokens: int                # estimate: the sum of the pieces' counts
+
+
+def _take_backwards(lines: Sequence[str], end: int, budget: int, count: Callable[[str], int],
+                    step: int) -> tuple[int, int]:
+    """Smallest `start` (a multiple of `step`, or any line if `step` is 1) with the tokens of
+    lines[start:end] within `budget`. Returns (start, tokens)."""
+    start, used = end, 0
+    while start > 0:
+        chunk_start = ((start - 1) // step) * step
+        cost = _cost(lines[chunk_start:start], budget - used, count)
+        if cost is None:
+            break
+        start, used = chunk_start, used + cost
+    if start == end and step > 1:
+        return _take_backwards(lines, end, budget, count, 1)
+    return start, used
+
+
+def _take_forwards(lines: Sequence[str], begin: int, budget: int, count: Callable[[str], int],
+                   step: int = 1) -> tuple[int, int]:
+    """Largest `end` (a multiple of `step` or the end of the list) with the tokens of
+    lines[begin:end] within `budget`. Returns (end, tokens)."""
+    end, used = begin, 0
+    last = len(lines)
+    while end < last:
+        chunk_end = min(((end // step) + 1) * step, last)
+        cost = _cost(lines[end:chunk_end], budget - used, count)
+        if cost is None:
+            break
+        end, used = chunk_end, used + cost
+    return end, used
+
+
+def _cost(lines: Sequence[str], budget: int, count: Callable[[str], int]) -> int | None:
+    """Tokens of `lines` (summed per line, so cached counts are reused), None when over `budget`.
+    Text longer than MAX_CHARS_PER_TOKEN per remaining token is not even counted."""
+    total = 0
+    for line in lines:
+        if len(line) > (budget - total) * MAX_CHARS_PER_TOKEN:
+            return None
+        total += count(line)
+        if total > budget:
+            return None
+    return total
+
+
+def _cut_middle(line_before: str, budget: int, count: Callable[[str], int]) -> int:
+    """Start index of the cursor line's text kept in the prompt: 0 unless the line is too long,
+    then a multiple of MIDDLE_CUT_STEP so that typing does not move it on every key."""
+    lowest = max(0, len(line_before) - budget * MAX_CHARS_PER_TOKEN)
+    lo = -(-lowest // MIDDLE_CUT_STEP)                     # in steps
+    hi = -(-len(line_before) // MIDDLE_CUT_STEP)           # this many steps leaves nothing
+    while lo < hi:   # binary search: fewer tokens the later the line is cut
+        mid = (lo + hi) // 2
+        if count(line_before[mid * MIDDLE_CUT_STEP:]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return min(lo * MIDDLE_CUT_STEP, len(line_before))
+
+
+def build_prompt(
+    lines: Sequence[str],
+    line: int,
+    index: int,
+    *,
+    special: SpecialTokens,
+    count_tokens: Callable[[str], int],
+    context_tokens: int,
+    path: str = "",
+    repo: str = "",
+    context_files: Sequence[ContextFile] = (),
+    template: PromptTemplate | None = None,
+) -> Prompt:
+    """The prompt for a cursor at string index `index` of line `line` of `lines`.
+
+    `context_files` are ordered least to most relevant; the most relevant end up nearest the
+    current file. `count_tokens` should be a `TokenCounter`: the same lines are counted again on
+    every keystroke.
+    """
+    template = template or default_template(special)
+    cursor_line = lines[line]
+    content = line_content(cursor_line)
+    line_before, line_after = content[:index], content[index:]
+    terminator = cursor_line[len(content):]
+    uses_suffix = "suffix" in template.fields
+
+    def fixed_text(**overrides: str) -> str:
+        fields = dict.fromkeys(_TEXT_FIELDS, "")
+        fields.update(path=path, repo=repo, **overrides)
+        return template.render(special, **fields)
+
+    overhead = count_tokens(fixed_text())
+    budget = max(context_tokens - overhead, 0)
+    middle_reserve = int(budget * MIDDLE_SHARE)
+
+    context, context_paths, context_used = "", (), 0
+    if "context" in template.fields and special.file_sep:
+        context, context_paths, context_used = _render_context(
+            context_files, int(budget * CONTEXT_SHARE), special, repo, count_tokens)
+
+    # Suffix lines start with the rest of the cursor line; its guaranteed share is reserved
+    # before the prefix is cut, whatever the prefix leaves over goes to it afterwards.
+    suffix_lines = [line_after + terminator, *lines[line + 1:]] if uses_suffix else []
+    suffix_share = int(budget * SUFFIX_SHARE)
+    _, suffix_reserved = _take_forwards(suffix_lines, 0, suffix_share, count_tokens)
+
+    prefix_budget = max(budget - context_used - middle_reserve - suffix_reserved, 0)
+    prefix_start, prefix_used = _take_backwards(lines, line, prefix_budget, count_tokens,
+                                                CHUNK_LINES)
+
+    suffix_budget = max(budget - context_used - middle_reserve - prefix_used, 0)
+    suffix_count, suffix_used = _take_forwards(suffix_lines, 0, suffix_budget, count_tokens)
+
+    middle_budget = max(budget - context_used - prefix_used - suffix_used, 0)
+    middle_start = _cut_middle(line_before, middle_budget, count_tokens)
+    middle = line_before[middle_start:]
+
+    text = fixed_text(
+        context=context,
+        prefix="".join(lines[prefix_start:line]),
+        suffix="".join(suffix_lines[:suffix_count]),
+        middle=middle,
+    )
+    return Prompt(
+        text=text,
+        line_before=line_before,
+        line_after=line_after,
+        next_lines=tuple(line_content(x) for x in lines[line + 1:line + 1 + NEXT_LINES]),
+        prefix_start=prefix_start,
+        suffix_end=line + max(suffix_count, 1),
+        middle_start=middle_start,
+        context_paths=context_paths,
+        tokens=overhead + context_used + prefix_used + suffix_used + count_tokens(middle),
+    )
+
+
+def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialTokens, repo: str,
+                    count: Callable[[str], int]) -> tuple[str, tuple[str, ...], int]:
+    """`<repo_name>repo<file_sep>path\\ncode...` for as many files (their heads, cut at chunk
+    boundaries) as `budget` holds, the most relevant (last) first."""
+    head = special.repo_name + repo if special.repo_name and repo else ""
+    used = count(head)
+    pieces: list[tuple[str, str]] = []
+    for file in reversed(files):
+        header = f"{special.file_sep}{file.path}\n"
+        header_cost = count(header)
+        if used + header_cost >= budget:
+            break
+        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count, CHUNK_LINES)
+        if end == 0:
+            continue
+        pieces.append((file.path, header + "".join(file.lines[:end])))
+        used += header_cost + cost
+    pieces.reverse()
+    return head + "".join(text for _, text in pieces), tuple(p for p, _ in pieces), used

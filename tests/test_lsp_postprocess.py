@@ -1,0 +1,67 @@
+"""Post-processing of generated text into what the editor shows."""
+import pytest
+
+from stablelm_lsp.lsp.postprocess import Completion, is_multiline_position, postprocess
+
+
+def _pp(generated, before="", after="", next_lines=(), max_lines=8, stops=()):
+    return postprocess(generated, line_before=before, line_after=after, next_lines=next_lines,
+                       max_lines=max_lines, stops=stops)
+
+
+def test_stop_texts_cut_the_completion():
+    assert _pp("x = 1<file_sep>junk", stops=("<file_sep>", "<|endoftext|>")) == Completion("x = 1")
+
+
+def test_one_line_when_the_cursor_sits_before_other_text():
+    assert _pp("value, 2\nmore\nlines", before="f(", after=", end)") == Completion("value, 2")
+    assert not is_multiline_position(", end)")
+
+
+def test_several_lines_at_the_end_of_a_line_bounded_by_max_lines():
+    gen = "\n".join(f"line{i}" for i in range(20))
+    c = _pp(gen, before="def f():", max_lines=3)
+    assert c == Completion("line0\nline1\nline2")
+
+
+def test_lines_repeating_the_next_document_line_are_cut():
+    c = _pp("\n    x = 1\n    return x\nprint(f())", before="def f():",
+            next_lines=("", "    return x", ""))
+    assert c == Completion("\n    x = 1")
+
+
+def test_a_completion_that_only_repeats_the_next_line_is_dropped():
+    assert _pp("return x", before="    ", next_lines=("    return x",)) is None
+
+
+def test_text_repeating_the_rest_of_the_line_is_cut():
+    assert _pp('"hi", end="")', before="print(", after=', end="")') == Completion('"hi"')
+
+
+def test_auto_closed_bracket_is_replaced_not_duplicated():
+    assert _pp("a, b)", before="f(", after=")") == Completion("a, b)", replace=1)
+    # The completion does not close it: plain insertion, the bracket stays.
+    assert _pp("a, b", before="f(", after=")") == Completion("a, b")
+    # It closes the inner call only: the outer closer is kept, re-inserted inside the range.
+    assert _pp("1)", before="f(g(", after="))") == Completion("1))", replace=2)
+    assert _pp("1", before="f(g(", after="))") == Completion("1")
+
+
+def test_auto_closed_quotes_and_mixed_closers():
+    assert _pp('hello")', before='print("', after='")') == Completion('hello")', replace=2)
+    assert _pp("hello", before='print("', after='")') == Completion("hello")
+    assert _pp("1]", before="f([", after="])") == Completion("1]", replace=1)
+
+
+def test_multiline_completion_closing_the_block_replaces_the_auto_closed_brace():
+    c = _pp("\n  return 1;\n}", before="function f() {", after="}")
+    assert c == Completion("\n  return 1;\n}", replace=1)
+
+
+@pytest.mark.parametrize("generated", ["", "   ", "\n\n  \n", "<|endoftext|>"])
+def test_no_empty_items(generated):
+    assert _pp(generated, before="x = ", stops=("<|endoftext|>",)) is None
+
+
+def test_no_trailing_whitespace():
+    assert _pp("a = 1   \n  b = 2 \t\n\n", before="") == Completion("a = 1\n  b = 2")
