@@ -248,7 +248,7 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "auto
         _fill(model, cfg, source, progress)
     finally:
         source.close()
-    model.eval()
+    model.eval().requires_grad_(False)
     if progress is not None:
         progress(1.0, "weights loaded")
     name = os.fspath(path_or_id) if not Path(os.fspath(path_or_id)).expanduser().exists() else path.name

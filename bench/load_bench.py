@@ -1,0 +1,108 @@
+"""Benchmark (not a test): load time and peak memory of loading a checkpoint, against its size.
+
+Builds a random StableLM-style checkpoint of about 160M parameters (hidden 768, 12 layers, 12
+heads, intermediate 2048, vocab 50304) in float32 with transformers' save_pretrained, then loads
+it in fresh processes, once with this project's loader and once with transformers'
+from_pretrained as the baseline measured in the same run. Peak resident memory is measured above
+the process's own baseline after imports (VmHWM reset through /proc/self/clear_refs).
+Target: our peak <= 1.3x the checkpoint's bytes.
+
+    python bench/load_bench.py [--out DIR] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+              intermediate_size=2048, vocab_size=50304, max_position_embeddings=4096)
+
+_MEASURE = r"""
+import json, sys, time
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import torch
+which, path = sys.argv[1], sys.argv[2]
+if which == "ours":
+    from stablelm_lsp.models import load_model
+    load = lambda: load_model(path, device="cpu", dtype="float32")
+else:
+    import transformers
+    load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS counter to the current RSS
+t0 = time.perf_counter()
+model = load()
+seconds = time.perf_counter() - t0
+peak = status("VmHWM:") - base
+ids = torch.ones(1, 8, dtype=torch.long)
+with torch.no_grad():  # touch every weight: memory-mapped loaders only pay for pages when read
+    (model.model if which == "ours" else model)(ids)
+print(json.dumps({"seconds": seconds, "peak_above_base": peak,
+                  "after_forward": status("VmRSS:") - base}))
+"""
+
+
+def build(out: Path) -> Path:
+    code = (
+        "import sys, torch, transformers\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from checkpoints import build_tokenizer\n"
+        f"cfg = transformers.StableLmConfig(**{CONFIG!r})\n"
+        "torch.manual_seed(0)\n"
+        "m = transformers.StableLmForCausalLM(cfg)\n"
+        f"m.save_pretrained({str(out)!r})\n"
+        f"build_tokenizer(__import__('pathlib').Path({str(out)!r}))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
+                   stderr=subprocess.DEVNULL)
+    return out
+
+
+def measure(which: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, which, str(path)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="where to build the checkpoint")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(args.out or Path(tmp) / "stablelm-160m")
+        ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        rows = {}
+        for which in ("ours", "transformers"):
+            runs = [measure(which, path) for _ in range(args.repeat)]
+            rows[which] = min(runs, key=lambda r: r["seconds"]) | {
+                "peak_above_base": min(r["peak_above_base"] for r in runs),
+                "after_forward": min(r["after_forward"] for r in runs)}
+    mib = 1024 * 1024
+    print(f"checkpoint: {ckpt_bytes / mib:.0f} MiB ({ckpt_bytes / 4 / 1e6:.0f}M float32 parameters)")
+    print(f"{'loader':<14}{'seconds':>9}{'peak MiB':>10}{'peak/ckpt':>11}{'after 1 forward/ckpt':>22}")
+    for which, r in rows.items():
+        print(f"{which:<14}{r['seconds']:>9.2f}{r['peak_above_base'] / mib:>10.0f}"
+              f"{r['peak_above_base'] / ckpt_bytes:>11.2f}{r['after_forward'] / ckpt_bytes:>22.2f}")
+    print(json.dumps({
+        "bench": "load", "checkpoint_bytes": ckpt_bytes,
+        "ours_seconds": round(rows["ours"]["seconds"], 3),
+        "ours_peak_ratio": round(rows["ours"]["peak_above_base"] / ckpt_bytes, 3),
+        "transformers_seconds": round(rows["transformers"]["seconds"], 3),
+        "transformers_peak_ratio": round(rows["transformers"]["peak_above_base"] / ckpt_bytes, 3),
+        "ours_after_forward_ratio": round(rows["ours"]["after_forward"] / ckpt_bytes, 3),
+        "transformers_after_forward_ratio": round(rows["transformers"]["after_forward"] / ckpt_bytes, 3),
+        "target_peak_ratio": 1.3,
+    }))
+
+
+if __name__ == "__main__":
+    main()
