@@ -1,0 +1,63 @@
+// The stablelm-lsp protocol beyond standard LSP (README, "Protocol"): one notification for the
+// model's state, one for chat deltas, and workspace/executeCommand commands.
+
+export const StatusNotification = "stablelm/status";
+export const ChatDeltaNotification = "stablelm/chatDelta";
+
+export const Commands = {
+  /** Returns the last `ServerStatus` plus the completion counters. */
+  status: "stablelm.status",
+  /** One argument `ChatParams`; returns `ChatResult`, streams `ChatDelta`s meanwhile. */
+  chat: "stablelm.chat",
+  /** Sent by the client when the user accepts an inline completion item. */
+  accepted: "stablelm.accepted",
+} as const;
+
+export type ServerState = "loading" | "ready" | "error" | "paused";
+
+export interface ServerStatus {
+  state: ServerState;
+  model: string;
+  builtin: boolean;
+  device: string;
+  dtype: string;
+  message?: string;
+}
+
+export interface StatusResult extends ServerStatus {
+  completionsShown: number;
+  completionsAccepted: number;
+}
+
+export type ChatRole = "system" | "user" | "assistant";
+
+export interface ChatMessage {
+  role: ChatRole;
+  content: string;
+}
+
+export interface ChatContext {
+  uri: string;
+  /** LSP range (0-based lines, utf-16 characters) of the selection. */
+  range?: { start: { line: number; character: number }; end: { line: number; character: number } };
+}
+
+export interface ChatParams {
+  chatId: string;
+  messages: ChatMessage[];
+  context?: ChatContext;
+}
+
+export interface ChatDelta {
+  chatId: string;
+  delta: string;
+}
+
+export interface ChatResult {
+  chatId: string;
+  text: string;
+  finishReason: string;
+}
+
+/** JSON-RPC error code of a request answered after `$/cancelRequest`. */
+export const RequestCancelled = -32800;
