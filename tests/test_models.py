@@ -78,3 +78,27 @@ def test_ring_cache_truncate_rules(starcoder2_checkpoint):
     assert not cache.can_truncate(34)                           # would need key 19, overwritten
     cache.truncate(36)
     assert cache.length == 36 and int((cache.positions >= 36).sum()) == 0
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_bfloat16_matches_transformers_bfloat16(any_checkpoint, device):
+    """Half precision: same rounding points as the reference, so close to its bf16 logits."""
+    variant, path = any_checkpoint
+    loaded = load_model(path, device=device, dtype="bfloat16")
+    assert loaded.model.embed.weight.dtype == torch.bfloat16
+    ids = prompt_ids(loaded, 32).to(device)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+    got = loaded.model(ids)
+    assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_auto_dtype_is_float32_on_cpu(stablelm_checkpoint):
+    loaded = load_model(stablelm_checkpoint)
+    assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if loaded.device.type == "cpu":
+        assert loaded.dtype == torch.float32
