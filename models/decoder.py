@@ -162,6 +162,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.length = 0
+        # Rings: the first position whose keys are still held. Kept explicitly because cutting
+        # a ring back (truncate) frees slots without bringing back what they overwrote.
+        self._oldest = 0
 
     @property
     def ring(self) -> bool:
@@ -174,7 +177,7 @@ class KVCache:
     @property
     def oldest_position(self) -> int:
         """The first position whose keys are still held."""
-        return max(0, self.length - self.capacity) if self.ring else 0
+        return self._oldest
 
     @property
     def max_step(self) -> int:
@@ -202,6 +205,7 @@ class KVCache:
     def reset(self) -> None:
         self.positions.fill_(-1)
         self.length = 0
+        self._oldest = 0
 
     def ensure_capacity(self, n: int) -> None:
         """Grow (geometrically) so that n positions fit; rings never need more than they have."""
@@ -227,7 +231,7 @@ class KVCache:
             self.k.copy_(other.k)
             self.v.copy_(other.v)
             self.positions.copy_(other.positions)
-            self.length = other.length
+            self.length, self._oldest = other.length, other._oldest
             self.truncate(n)
             return
         self.ensure_capacity(n)
@@ -253,6 +257,7 @@ class KVCache:
         q_pos = torch.arange(start, start + t, device=device)
         slots = q_pos % self.capacity
         self.positions[slots] = q_pos
+        self._oldest = max(self._oldest, start + t - self.capacity)
         kv_len = min(self.capacity, start + t)
         k_pos = self.positions[:kv_len][None, :]
         mask = (k_pos >= 0) & (k_pos <= q_pos[:, None]) & (k_pos > q_pos[:, None] - self.window)
