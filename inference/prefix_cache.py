@@ -57,6 +57,7 @@ class PrefixCache:
         self.max_positions = max_positions
         self.ring_capacity = ring_capacity
         self.slots: list[Slot] = []
+        self.evictions = 0          # slots dropped to make room, since creation
         self._clock = 0
 
     @property
@@ -87,15 +88,18 @@ class PrefixCache:
         """
         self.check_fits(needed)
         self._clock += 1
-        best, reuse = None, 0
+        best, reuse, best_rank = None, 0, None
         for slot in self.slots:
             if slot.in_use:
                 continue
             r = min(common_prefix_len(slot.tokens, tokens), len(tokens) - 1)
             if r > 0 and not slot.cache.can_truncate(r):
                 r = 0   # a sliding-window ring that has moved past what position r needs
-            if r > reuse or (r == reuse and r > 0 and slot.last_used > best.last_used):
-                best, reuse = slot, r
+            # Longest reuse first; among equals, the slot whose cut loses least: the same
+            # document's, then one holding nothing past r but generated tokens, then the newest.
+            rank = (r, key is not None and slot.key == key, r >= slot.prompt_len, slot.last_used)
+            if r > 0 and (best_rank is None or rank > best_rank):
+                best, reuse, best_rank = slot, r, rank
         if best is None:
             slot = self._fresh_slot(needed, keep=())
         else:
@@ -169,4 +173,5 @@ class PrefixCache:
             return False
         for victim in victims:
             self.slots.remove(victim)
+        self.evictions += len(victims)
         return True
