@@ -1,7 +1,9 @@
-// A fake `vscode` module for unit tests under `node --test` (the real one exists only inside the
+// A fake `vscode` module for tests under `node --test` (the real one exists only inside the
 // editor). Loaded with `--require`, it answers every `require("vscode")`. The parts this
-// extension uses keep state tests can read and drive; any other capitalised name is an empty
-// class (a Proxy), enough for vscode-languageclient's module-level `extends vscode.X`.
+// extension uses keep state tests can read and drive. Through Proxies, any other capitalised name
+// is an empty class (enough for vscode-languageclient's module-level `extends vscode.X`), and any
+// other `onDid...` event of a namespace accepts a listener and never fires (enough to construct a
+// real LanguageClient and compute the capabilities it sends).
 import Module = require("module");
 import { CancellationTokenSource, Emitter } from "vscode-jsonrpc";
 
@@ -105,6 +107,8 @@ const outputChannel = (name: string) => {
 
 const implemented = {
   __esModule: true,
+  // The oldest VS Code package.json accepts (engines.vscode).
+  version: "1.91.0",
   Uri: FakeUri,
   Disposable,
   EventEmitter: Emitter,
@@ -189,13 +193,36 @@ const implemented = {
 };
 
 const emptyClasses = new Map<string, unknown>();
+const silentEvent = () => new Disposable(() => undefined);
+
+/** A namespace (workspace, window, languages...) whose unknown `on...` members are silent events. */
+function namespace(members: Record<string | symbol, unknown>): Record<string | symbol, unknown> {
+  return new Proxy(members, {
+    get(target, name) {
+      if (name in target) return target[name];
+      return typeof name === "string" && /^on[A-Z]/.test(name) ? silentEvent : undefined;
+    },
+  });
+}
+
+const namespaces = new Map<string, unknown>();
 
 export const fake = new Proxy(implemented as Record<string | symbol, unknown>, {
   get(target, name) {
-    if (name in target) return target[name];
-    if (typeof name === "string" && /^[A-Z]/.test(name)) {
+    if (typeof name !== "string") return target[name];
+    const value = target[name];
+    if (value !== undefined && typeof value === "object" && name !== "StatusBarAlignment" && name !== "ConfigurationTarget") {
+      if (!namespaces.has(name)) namespaces.set(name, namespace(value as Record<string | symbol, unknown>));
+      return namespaces.get(name);
+    }
+    if (name in target) return value;
+    if (/^[A-Z]/.test(name)) {
       if (!emptyClasses.has(name)) emptyClasses.set(name, class {});
       return emptyClasses.get(name);
+    }
+    if (/^[a-z]/.test(name) && name !== "then") {
+      if (!namespaces.has(name)) namespaces.set(name, namespace({}));
+      return namespaces.get(name);
     }
     return undefined;
   },

@@ -11,8 +11,8 @@ test("unset settings take package.json's defaults", () => {
     dtype: "auto",
     maxNewTokens: 64,
     temperature: 0,
-    contextTokens: 2048,
-    debounceMs: 100,
+    contextTokens: 1536,
+    debounceMs: 75,
     chatModel: "",
     enabled: true,
   });
@@ -35,7 +35,7 @@ test("values of the wrong type fall back to the default", () => {
   const settings = serverSettings(reader({ maxNewTokens: "many", temperature: Number.NaN, debounceMs: 1.5, enabled: "yes", model: 3 }));
   assert.equal(settings.maxNewTokens, 64);
   assert.equal(settings.temperature, 0);
-  assert.equal(settings.debounceMs, 100);
+  assert.equal(settings.debounceMs, 75);
   assert.equal(settings.enabled, true);
   assert.equal(settings.model, "");
 });
