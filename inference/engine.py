@@ -57,8 +57,13 @@ class Engine:
         self.dtype = loaded.dtype
         cfg = self.config
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, 256)
-        # A ring of window + chunk - 1 entries takes a whole prefill chunk per step (max_step).
-        ring = cfg.sliding_window + self.prefill_chunk - 1 if cfg.sliding_window else None
+        ring = None
+        if cfg.sliding_window:
+            # A ring of window + step - 1 entries takes `step` prompt tokens per forward step and
+            # can be cut back by step - 1 positions (an edit just behind the end) without
+            # recomputing. A quarter of the window keeps memory within 1.25x the window.
+            step = min(self.prefill_chunk, max(1, cfg.sliding_window // 4))
+            ring = cfg.sliding_window + step - 1
         if budget_tokens is None:
             budget_tokens = default_budget_tokens(cfg, self.device, self.dtype, ring)
         self.prefix_cache = PrefixCache(self.model.new_cache, budget_tokens, cfg.max_positions, ring)

@@ -140,12 +140,12 @@ def test_sliding_window_beyond_the_window_matches_transformers(starcoder2, starc
         first = engine.generate(ids, max_new_tokens=12)
         assert first.token_ids == hf_greedy(starcoder2_checkpoint, ids, 12)
         (slot,) = engine.prefix_cache.slots
-        assert slot.cache.capacity == window + 8 - 1  # bounded, though 107 positions went by
-        # the ring holds positions 84..106; continuing at 102 needs keys from 87 on: an edit
-        # there (after accepting 6 suggested tokens) reuses the ring, exactly
-        edited = ids + first.token_ids[:6] + [42]
+        assert slot.cache.capacity == window + window // 4 - 1  # bounded, 107 positions went by
+        # the ring holds positions 88..106; continuing at 104 needs keys from 89 on: an edit
+        # there (after accepting 8 suggested tokens) reuses the ring, exactly
+        edited = ids + first.token_ids[:8] + [42]
         second = engine.generate(edited, max_new_tokens=12)
-        assert second.reused_tokens == len(ids) + 6
+        assert second.reused_tokens == len(ids) + 8
         assert second.token_ids == hf_greedy(starcoder2_checkpoint, edited, 12)
         # an edit further back than the ring holds is recomputed from scratch, exactly
         early = ids[:2 * window] + [42]
@@ -168,10 +168,10 @@ def test_a_ring_cut_back_and_not_refilled_is_not_reused_past_what_it_holds(starc
     """Cutting a ring back frees slots without bringing back the positions they overwrote."""
     ids = random_ids(random.Random(7), 100, starcoder2.config.vocab_size)
     with Engine(starcoder2, prefill_chunk=8) as engine:
-        engine.generate(ids, max_new_tokens=5)           # the ring holds positions 81..103
+        engine.generate(ids, max_new_tokens=5)           # the ring holds positions 85..103
         # out of time before its first step: the ring is cut back to 100 positions, nothing run
         assert engine.generate(ids + [9], max_new_tokens=5, time_budget_s=1e-9).finish_reason == "time"
-        probe = ids[:92] + [9]  # position 92 needs keys from 77 on, which the ring lost
+        probe = ids[:97] + [9]  # position 97 needs keys from 82 on, which the ring lost
         got = engine.generate(probe, max_new_tokens=6)
         assert got.reused_tokens == 0
         assert got.token_ids == hf_greedy(starcoder2_checkpoint, probe, 6)

@@ -1,0 +1,268 @@
+"""Benchmark (not a test): keystroke latency, decode speed and sliding-window KV memory of the engine.
+
+Everything is measured in one run, on CPU in float32, against baselines measured in the same run:
+
+1. Keystroke replay on a random StableLM-style checkpoint of about 160M parameters (hidden 768,
+   12 layers, 12 heads, intermediate 2048, vocab 50304; built here with transformers and
+   save_pretrained): a 1500-token prompt, then keystrokes each appending one token, 16 greedy
+   tokens after each. Median latency of this engine; of transformers' `generate` from scratch; and
+   of transformers' `generate` continuing a DynamicCache cropped back to the common prefix before
+   each keystroke. Targets: <= 0.4x the cropped-cache figure, <= 0.1x the from-scratch one.
+2. Decode time per token at 1500 tokens of context, against transformers' (target <= 0.5x), and
+   as a fraction of the floor set by the machine's memory bandwidth (measured here with a large
+   tensor copy): (weight bytes read per token + KV bytes read) / bandwidth.
+3. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
+   bytes the engine holds, against the window's own bound and a linear cache.
+
+Prints a table and one JSON line with the ratios.
+
+    python bench/engine_bench.py [--keystrokes 20] [--scratch-keystrokes 5] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from load_bench import build as build_stablelm_160m  # bench/ is on sys.path when run as a script
+from stablelm_lsp.inference.prefix_cache import common_prefix_len
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS = 1500
+NEW_TOKENS = 16
+DECODE_STEPS = 32
+SPECIALS = 7            # ids below this are the tokenizer's special tokens: keep prompts clear of them
+WINDOW, LONG_PROMPT = 256, 4096
+STARCODER2_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                        num_attention_heads=6, num_key_value_heads=2, sliding_window=WINDOW,
+                        max_position_embeddings=8192)
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
+    src = torch.ones(int(gib * (1 << 30)) // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(SPECIALS, vocab, (n,), generator=g).tolist()
+
+
+class HFContinuation:
+    """transformers' generate continuing one DynamicCache cropped to the common prefix."""
+
+    def __init__(self, model):
+        import transformers
+
+        self.model = model
+        self.cache = transformers.DynamicCache(config=model.config)
+        self.held: list[int] = []   # the tokens whose keys/values the cache holds
+
+    def generate(self, prompt: list[int], steps: int) -> list[int]:
+        keep = min(common_prefix_len(self.held, prompt), len(prompt) - 1)
+        if len(self.held) > keep:
+            self.cache.crop(keep - len(self.held))  # a negative count removes that many
+        new = hf_generate(self.model, prompt, steps, self.cache)
+        self.held = prompt + new[:-1]   # generate does not run its last token
+        return new
+
+
+def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def keystroke_replay(loaded, hf, keystrokes: int, scratch_keystrokes: int) -> dict:
+    from stablelm_lsp.inference.engine import Engine
+
+    vocab = loaded.config.vocab_size
+    base = random_ids(PROMPT_TOKENS, vocab, seed=0)
+    typed = random_ids(keystrokes, vocab, seed=1)
+    prompts = [base + typed[:k + 1] for k in range(keystrokes)]
+
+    ours, ours_out, reused = [], [], []
+    with Engine(loaded) as engine:
+        engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")  # the state before typing
+        for p in prompts:
+            t0 = time.perf_counter()
+            r = engine.generate(p, max_new_tokens=NEW_TOKENS, key="doc")
+            ours.append(time.perf_counter() - t0)
+            ours_out.append(r.token_ids)
+            reused.append(r.reused_tokens)
+
+    cont = HFContinuation(hf)
+    cont.generate(base, NEW_TOKENS)
+    cropped, cropped_out = [], []
+    for p in prompts:
+        t0 = time.perf_counter()
+        cropped_out.append(cont.generate(p, NEW_TOKENS))
+        cropped.append(time.perf_counter() - t0)
+
+    scratch, scratch_out = [], []
+    for p in prompts[:scratch_keystrokes]:
+        t0 = time.perf_counter()
+        scratch_out.append(hf_generate(hf, p, NEW_TOKENS))
+        scratch.append(time.perf_counter() - t0)
+
+    return {
+        "ours_s": statistics.median(ours), "cropped_s": statistics.median(cropped),
+        "scratch_s": statistics.median(scratch), "keystrokes": keystrokes,
+        "scratch_keystrokes": len(scratch), "reused_median": statistics.median(reused),
+        "same_tokens": ours_out == cropped_out and ours_out[:len(scratch_out)] == scratch_out,
+    }
+
+
+def decode_speed(loaded, hf, bandwidth: float) -> dict:
+    """Seconds per generated token with PROMPT_TOKENS of context already cached, both engines."""
+    from stablelm_lsp.inference.engine import Engine
+
+    prompt = random_ids(PROMPT_TOKENS, loaded.config.vocab_size, seed=2)
+    steps = DECODE_STEPS + 1
+    with Engine(loaded) as engine:
+        engine.generate(prompt, max_new_tokens=1)
+        # everything but the last prompt token comes from the cache: steps forward passes of one
+        # token each, the first at position 1499
+        runs = [engine.generate(prompt, max_new_tokens=steps).elapsed_s for _ in range(3)]
+    ours = min(runs) / steps
+
+    cont = HFContinuation(hf)
+    cont.generate(prompt, 1)
+    hf_runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        cont.generate(prompt, steps)
+        hf_runs.append(time.perf_counter() - t0)
+    theirs = min(hf_runs) / steps
+
+    model, cfg = loaded.model, loaded.config
+    # weights read per token: everything but the input embedding (one row is gathered), plus the
+    # output head (the embedding itself when tied)
+    weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed."))
+    if model.tied:
+        weights += model.embed.weight.nbytes
+    context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
+    kv = context * cfg.kv_bytes_per_token * model.embed.weight.element_size()
+    floor = (weights + kv) / bandwidth
+    return {"ours_s": ours, "transformers_s": theirs, "floor_s": floor,
+            "weight_bytes": weights, "kv_bytes": kv}
+
+
+def sliding_window_memory(out: Path) -> dict:
+    import transformers
+
+    from stablelm_lsp.inference.engine import Engine
+    from stablelm_lsp.models import load_model
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from checkpoints import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint("starcoder2", out, **STARCODER2_SIZES)
+    loaded = load_model(path, device="cpu", dtype="float32")
+    prompt = random_ids(LONG_PROMPT, loaded.config.vocab_size, seed=3)
+    with Engine(loaded) as engine:
+        result = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
+        held = engine.prefix_cache.nbytes
+        ring = engine.prefix_cache.ring_capacity
+    per_token = loaded.config.kv_bytes_per_token * 4
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cache = transformers.DynamicCache(config=hf.config)
+    hf_tokens = hf_generate(hf, prompt, NEW_TOKENS, cache)
+    hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return {"held_bytes": held, "ring_positions": ring, "window_bytes": WINDOW * per_token,
+            "linear_bytes": (LONG_PROMPT + NEW_TOKENS) * per_token, "transformers_bytes": hf_bytes,
+            "same_tokens": result.token_ids == hf_tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keystrokes", type=int, default=20)
+    ap.add_argument("--scratch-keystrokes", type=int, default=5,
+                    help="keystrokes timed for generate-from-scratch (each recomputes 1500 tokens)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import transformers
+
+    from stablelm_lsp.models import load_model
+
+    bandwidth = memory_bandwidth()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_stablelm_160m(Path(tmp) / "stablelm-160m")
+        loaded = load_model(path, device="cpu", dtype="float32")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        params = loaded.model.num_parameters()
+        keys = keystroke_replay(loaded, hf, args.keystrokes, args.scratch_keystrokes)
+        dec = decode_speed(loaded, hf, bandwidth)
+        del loaded, hf
+        window = sliding_window_memory(Path(tmp) / "starcoder2-w256")
+
+    ratios = {
+        "keystroke_vs_cropped": keys["ours_s"] / keys["cropped_s"],
+        "keystroke_vs_scratch": keys["ours_s"] / keys["scratch_s"],
+        "decode_vs_transformers": dec["ours_s"] / dec["transformers_s"],
+        "decode_floor_fraction": dec["floor_s"] / dec["ours_s"],
+        "transformers_decode_floor_fraction": dec["floor_s"] / dec["transformers_s"],
+        "window_kv_vs_linear": window["held_bytes"] / window["linear_bytes"],
+    }
+    ms, mib = 1e3, 1 << 20
+    print(f"CPU, float32, {torch.get_num_threads()} threads; {params / 1e6:.0f}M-parameter StableLM-style "
+          f"checkpoint; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"\nkeystroke replay: {PROMPT_TOKENS}-token prompt, +1 token per keystroke, {NEW_TOKENS} "
+          f"greedy tokens (median of {keys['keystrokes']}; from scratch: of {keys['scratch_keystrokes']})")
+    print(f"  {'this engine':<42}{keys['ours_s'] * ms:>9.0f} ms   (reused {keys['reused_median']:.0f} "
+          f"prompt tokens)")
+    print(f"  {'transformers, DynamicCache cropped':<42}{keys['cropped_s'] * ms:>9.0f} ms   "
+          f"ratio {ratios['keystroke_vs_cropped']:.2f} (target <= 0.4)")
+    print(f"  {'transformers, generate from scratch':<42}{keys['scratch_s'] * ms:>9.0f} ms   "
+          f"ratio {ratios['keystroke_vs_scratch']:.3f} (target <= 0.1)")
+    print(f"  same tokens from all three: {keys['same_tokens']}")
+    print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context")
+    print(f"  {'this engine':<42}{dec['ours_s'] * ms:>9.1f} ms   {ratios['decode_floor_fraction']:.0%} "
+          f"of the bandwidth floor")
+    print(f"  {'transformers':<42}{dec['transformers_s'] * ms:>9.1f} ms   ratio "
+          f"{ratios['decode_vs_transformers']:.2f} (target <= 0.5)")
+    print(f"  {'floor: (weights + KV read) / bandwidth':<42}{dec['floor_s'] * ms:>9.1f} ms   "
+          f"({dec['weight_bytes'] / mib:.0f} MiB weights + {dec['kv_bytes'] / mib:.0f} MiB KV)")
+    print(f"\nStarCoder2-style, window {WINDOW}, {LONG_PROMPT}-token prompt: KV bytes held")
+    print(f"  {'this engine (ring of ' + str(window['ring_positions']) + ' positions)':<42}"
+          f"{window['held_bytes'] / mib:>9.2f} MiB")
+    print(f"  {'the window itself':<42}{window['window_bytes'] / mib:>9.2f} MiB")
+    print(f"  {'a linear cache':<42}{window['linear_bytes'] / mib:>9.2f} MiB")
+    print(f"  {'transformers DynamicCache':<42}{window['transformers_bytes'] / mib:>9.2f} MiB")
+    print(f"  same tokens as transformers: {window['same_tokens']}")
+    print(json.dumps({
+        "bench": "engine", "threads": torch.get_num_threads(), "bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "keystroke_ms": {k: round(keys[k + "_s"] * ms, 1) for k in ("ours", "cropped", "scratch")},
+        "decode_ms": {k: round(dec[k + "_s"] * ms, 2) for k in ("ours", "transformers", "floor")},
+        "window_kv_bytes": {k: window[k] for k in ("held_bytes", "window_bytes", "linear_bytes",
+                                                    "transformers_bytes")},
+        "same_tokens": keys["same_tokens"] and window["same_tokens"],
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": {"keystroke_vs_cropped": 0.4, "keystroke_vs_scratch": 0.1, "decode_vs_transformers": 0.5},
+    }))
+
+
+if __name__ == "__main__":
+    main()
