@@ -78,11 +78,20 @@ class Attention(nn.Module):
             q, key = self.q_norm(q), self.k_norm(key)
         q, key = _rope(q, cos, sin, cfg.rotary_dim), _rope(key, cos, sin, cfg.rotary_dim)
         q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-        if cache is not None:
-            key, v = cache.write(layer, key, v, attn)
-        out = F.scaled_dot_product_attention(
-            q, key, v, attn_mask=attn.mask, is_causal=attn.is_causal, enable_gqa=(h != k))
+        out = attn.kernel(q, key, v, layer, cache, attn)
         return self.o(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def sdpa_attention(q, key, value, layer: int, cache: "KVCache | None", attn: "AttentionInputs"):
+    """The default attention kernel: store this step's keys/values, attend with torch SDPA.
+
+    q [B, H, T, D], key/value [B, K, T, D], all after RoPE -> [B, H, T, D]. Other kernels
+    (inference/attention.py) take the same arguments and must store the keys/values themselves.
+    """
+    if cache is not None:
+        key, value = cache.write(layer, key, value, attn)
+    return F.scaled_dot_product_attention(q, key, value, attn_mask=attn.mask, is_causal=attn.is_causal,
+                                          enable_gqa=q.shape[1] != key.shape[1])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -136,10 +145,11 @@ class AttentionInputs:
     [T, S] (True = attend) is None when plain causal attention (or none, for T == 1) is exact.
     """
 
-    __slots__ = ("slots", "kv_len", "mask", "is_causal")
+    __slots__ = ("slots", "kv_len", "mask", "is_causal", "kernel")
 
     def __init__(self, slots, kv_len, mask, is_causal):
         self.slots, self.kv_len, self.mask, self.is_causal = slots, kv_len, mask, is_causal
+        self.kernel = sdpa_attention  # the Decoder sets its own (Decoder.attention)
 
 
 class KVCache:
@@ -288,6 +298,9 @@ class Decoder(nn.Module):
         tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         self.lm_head = None if tie else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The attention kernel every layer calls (see sdpa_attention); inference/attention.py
+        # may install another one (flash-attn on CUDA).
+        self.attention = sdpa_attention
 
     @property
     def tied(self) -> bool:
@@ -327,6 +340,7 @@ class Decoder(nn.Module):
         cos, sin = self.rope_tables(start + t, x.device)
         cos, sin = cos[start: start + t].to(x.dtype), sin[start: start + t].to(x.dtype)
         attn = cache.plan(t) if cache is not None else self._plan_uncached(t, x.device)
+        attn.kernel = self.attention
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, i, cache, attn)
         if cache is not None:
