@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .attention import install, ring_capacity, select_attention
 from .errors import EmptyPrompt, PromptTooLong, TokenOutOfRange
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
@@ -49,21 +50,25 @@ TokenCallback = Callable[[int], "str | None"]
 
 
 class Engine:
-    def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None):
-        """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype)."""
+    def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
+                 attention: str = "auto"):
+        """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
+        attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = torch.device(loaded.device)
         self.dtype = loaded.dtype
         cfg = self.config
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, 256)
+        self.attention = select_attention(attention, self.device, self.dtype, cfg)
+        install(self.model, cfg, self.attention)
         ring = None
         if cfg.sliding_window:
             # A ring of window + step - 1 entries takes `step` prompt tokens per forward step and
             # can be cut back by step - 1 positions (an edit just behind the end) without
             # recomputing. A quarter of the window keeps memory within 1.25x the window.
             step = min(self.prefill_chunk, max(1, cfg.sliding_window // 4))
-            ring = cfg.sliding_window + step - 1
+            ring = ring_capacity(cfg.sliding_window, step, self.attention.name)
         if budget_tokens is None:
             budget_tokens = default_budget_tokens(cfg, self.device, self.dtype, ring)
         self.prefix_cache = PrefixCache(self.model.new_cache, budget_tokens, cfg.max_positions, ring)

@@ -29,3 +29,7 @@ class BudgetTooSmall(GenerationError):
 
 class EngineClosed(GenerationError):
     """The engine was closed; no more requests are accepted."""
+
+
+class AttentionUnavailable(GenerationError):
+    """The requested attention kernel cannot run here (flash-attn without CUDA or half precision)."""

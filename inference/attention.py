@@ -1,0 +1,150 @@
+"""Which attention kernel the decoder runs, and the flash-attn 2 kernel for CUDA.
+
+torch SDPA (models.decoder.sdpa_attention) is the default on every device. flash-attn 2 is used
+on CUDA when it is installed and the dtype is float16/bfloat16: its `flash_attn_with_kvcache`
+appends this step's keys/values to the cache and attends in one kernel, with
+`window_size=(W - 1, 0)` for sliding-window models (StarCoder2), reading only the window.
+RoPE is applied by the decoder before the kernel is called (its fused rotary needs
+rotary_dim % 16 == 0, which StableLM-3B's 20 rotary dims do not meet, and one path for all
+families keeps them exact against each other).
+
+A sliding-window ring (models.decoder.KVCache, slot = position % capacity) is handed to the
+kernel as a paged cache: with capacity a multiple of 256, physical page j holds logical pages
+j, j + n, j + 2n, ... so a block table of `arange(pages) % n` addresses the ring as if it were a
+linear cache, and the window keeps the kernel away from pages that have been reused.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AttentionUnavailable
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "sdpa", "flash")
+FLASH_PAGE = 256        # flash-attn's paged caches need pages of a multiple of 256 positions
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    name: str           # "sdpa" | "flash"
+    reason: str         # why, for the log: what ruled flash out, or that it was chosen/requested
+
+
+def flash_problems(device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                   installed: bool, capability: tuple[int, int] | None) -> list[str]:
+    """What stops flash-attn from running this model here (empty: nothing)."""
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"flash-attn needs a CUDA device (this is {device.type})")
+    elif capability is not None and capability < (8, 0):
+        problems.append(f"flash-attn needs an Ampere or newer GPU (compute capability "
+                        f"{capability[0]}.{capability[1]})")
+    if dtype not in _FLASH_DTYPES:
+        problems.append(f"flash-attn needs float16 or bfloat16 (the model runs in "
+                        f"{str(dtype).removeprefix('torch.')})")
+    if head_dim > 256 or head_dim % 8:
+        problems.append(f"flash-attn needs a head size that is a multiple of 8 up to 256 ({head_dim})")
+    if not installed:
+        problems.append("the flash_attn package is not installed (pip install 'stablelm-lsp[gpu]')")
+    return problems
+
+
+def choose(requested: str, problems: list[str]) -> AttentionChoice:
+    """requested: auto | sdpa | flash. Asking for flash where it cannot run is an error."""
+    if requested not in KERNELS:
+        raise AttentionUnavailable(f"unknown attention kernel {requested!r} (choose from {', '.join(KERNELS)})")
+    if requested == "sdpa":
+        return AttentionChoice("sdpa", "requested")
+    if not problems:
+        return AttentionChoice("flash", "requested" if requested == "flash" else "CUDA, half precision, flash_attn installed")
+    if requested == "flash":
+        raise AttentionUnavailable("cannot use flash attention: " + "; ".join(problems))
+    return AttentionChoice("sdpa", problems[0])
+
+
+def flash_installed() -> bool:
+    try:
+        from flash_attn import flash_attn_with_kvcache  # noqa: F401
+    except (ImportError, OSError):  # absent, or built against another torch / CUDA
+        return False
+    return True
+
+
+def select_attention(requested: str, device: torch.device, dtype: torch.dtype, config) -> AttentionChoice:
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    problems = flash_problems(device, dtype, config.head_dim, installed=flash_installed(),
+                              capability=capability)
+    return choose(requested, problems)
+
+
+def ring_capacity(window: int, step: int, kernel: str) -> int:
+    """Ring size taking `step` tokens per forward: window + step - 1, rounded up to whole
+    flash-attn pages when that kernel reads it as a paged cache."""
+    capacity = window + step - 1
+    if kernel == "flash":
+        capacity = -(-capacity // FLASH_PAGE) * FLASH_PAGE
+    return capacity
+
+
+class FlashAttention:
+    """A Decoder.attention kernel (see models.decoder.sdpa_attention for the contract)."""
+
+    def __init__(self, config):
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+        self._func, self._with_kvcache = flash_attn_func, flash_attn_with_kvcache
+        self.window = (config.sliding_window - 1, 0) if config.sliding_window else (-1, -1)
+        # logical pages a sequence can span: block tables are built for this many
+        self.max_pages = -(-config.max_positions // FLASH_PAGE) + 1
+        self._block_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, q, key, value, layer: int, cache, attn):
+        # flash-attn's layout is [B, T, heads, D]; ours [B, heads, T, D]
+        q, key, value = q.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if cache is None:
+            out = self._func(q, key, value, causal=True, window_size=self.window)
+            return out.transpose(1, 2)
+        k_cache, v_cache, block_table = self._cache_views(cache, layer)
+        # positions held before this step, per sequence (an int would be sized by the cache's
+        # first dimension, which is the page count for a paged cache)
+        held = torch.full((q.shape[0],), cache.length, dtype=torch.int32, device=q.device)
+        out = self._with_kvcache(q, k_cache, v_cache, k=key, v=value, cache_seqlens=held,
+                                 block_table=block_table, causal=True, window_size=self.window)
+        return out.transpose(1, 2)
+
+    def _cache_views(self, cache, layer: int):
+        """The layer's cache as flash-attn reads it; no copies (only the strides change)."""
+        k, v = cache.k[layer], cache.v[layer]             # [B, K, capacity, D]
+        if not cache.ring:
+            return k.transpose(1, 2), v.transpose(1, 2), None   # [B, capacity, K, D]
+        batch, heads, capacity, dim = k.shape
+        if batch != 1 or capacity % FLASH_PAGE:
+            raise ValueError(f"flash attention reads rings of one sequence with a capacity that is a "
+                             f"multiple of {FLASH_PAGE} (got batch {batch}, capacity {capacity})")
+        pages = capacity // FLASH_PAGE
+
+        def paged(t):  # [1, K, capacity, D] -> [pages, FLASH_PAGE, K, D]
+            return t[0].view(heads, pages, FLASH_PAGE, dim).permute(1, 2, 0, 3)
+
+        return paged(k), paged(v), self._block_table(pages, k.device)
+
+    def _block_table(self, pages: int, device: torch.device) -> torch.Tensor:
+        """[1, max_pages] int32: logical page j lives in physical page j % pages."""
+        table = self._block_tables.get((pages, device))
+        if table is None:
+            table = (torch.arange(self.max_pages, device=device) % pages).to(torch.int32)[None]
+            self._block_tables[(pages, device)] = table
+        return table
+
+
+def install(model, config, choice: AttentionChoice) -> None:
+    """Make the decoder run the chosen kernel."""
+    from stablelm_lsp.models.decoder import sdpa_attention
+
+    model.attention = FlashAttention(config) if choice.name == "flash" else sdpa_attention
+    log.info("attention kernel: %s (%s)", choice.name, choice.reason)
