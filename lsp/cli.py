@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import generate
+from . import chat_cli, complete, generate, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,11 +17,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     generate.register(sub)
+    serve.register(sub)
+    complete.register(sub)
+    chat_cli.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Editors start `stablelm-lsp --stdio [options]`: server options first means `serve`.
+    first = next((i for i, a in enumerate(argv) if a != "--debug"), None)
+    if first is not None and argv[first].startswith("--") and argv[first] != "--help":
+        argv.insert(first, "serve")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -1,0 +1,78 @@
+"""`stablelm-lsp serve` (also plain `stablelm-lsp --stdio`): run the language server.
+
+Command-line settings are the server's starting point; the editor's initializationOptions and
+workspace/didChangeConfiguration override them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import EXIT_USAGE, add_model_arguments
+from .settings import Settings, SettingsError
+
+SERVE_FLAGS = ("--stdio", "--tcp")
+
+
+def add_setting_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for the completion settings (defaults: settings.Settings)."""
+    p.add_argument("--max-new-tokens", type=int, metavar="N")
+    p.add_argument("--max-lines", type=int, metavar="N", help="lines of a multi-line completion")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    p.add_argument("--context-tokens", type=int, metavar="N", help="prompt budget in tokens")
+    p.add_argument("--template", help="prompt template, e.g. "
+                   "'{fim_prefix}{prefix}{fim_suffix}{suffix}{fim_middle}{middle}'")
+    p.add_argument("--timeout-ms", type=int, metavar="MS", help="generation time budget")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the language server (the default with --stdio/--tcp)",
+                       description="Run the language server on stdio (default) or TCP.")
+    transport = p.add_mutually_exclusive_group()
+    transport.add_argument("--stdio", action="store_true", help="talk LSP on stdin/stdout (default)")
+    transport.add_argument("--tcp", action="store_true", help="listen for one client on TCP")
+    p.add_argument("--host", default="127.0.0.1", help="TCP address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free)")
+    add_model_arguments(p)
+    add_setting_arguments(p)
+    p.add_argument("--debounce-ms", type=int, metavar="MS")
+    p.add_argument("--chat-model", help="checkpoint for chat (default: the completion model)")
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="where completion counts are kept (default "
+                        "$XDG_STATE_HOME/stablelm-lsp/stats.json)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute every prompt from scratch (for measurements)")
+    p.add_argument("--log-file", metavar="PATH", help="log here instead of stderr")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings with the flags given on the command line; raises SettingsError."""
+    flags = {
+        "model": args.model, "device": args.device, "dtype": args.dtype,
+        "allowPickle": args.allow_pickle or None,
+        "maxNewTokens": args.max_new_tokens, "maxLines": args.max_lines,
+        "temperature": args.temperature, "contextTokens": args.context_tokens,
+        "template": args.template, "timeoutMs": args.timeout_ms,
+        "debounceMs": getattr(args, "debounce_ms", None),
+        "chatModel": getattr(args, "chat_model", None),
+        "statsFile": getattr(args, "stats_file", None),
+        "prefixCache": False if getattr(args, "no_prefix_cache", False) else None,
+    }
+    return Settings().merged({k: v for k, v in flags.items() if v is not None})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import StableLMServer, configure_logging, serve_stdio, serve_tcp
+
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"stablelm-lsp: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(args.log_file, "debug" if args.debug else args.log_level)
+    server = StableLMServer(settings)
+    if args.tcp:
+        return serve_tcp(server, args.host, args.port)
+    return serve_stdio(server)
