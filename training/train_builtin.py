@@ -95,8 +95,11 @@ def collect_sources(root: Path, max_files: int | None = None) -> list[tuple[str,
 
 
 def split_sources(sources: list[tuple[str, str]], held_out_fraction: float):
+    """(train, held out); tiny file sets whose hashes all land in train hold out their last file."""
     train = [s for s in sources if not is_held_out(s[0], held_out_fraction)]
     held = [s for s in sources if is_held_out(s[0], held_out_fraction)]
+    if not held and len(train) > 1:
+        train, held = train[:-1], train[-1:]
     return train, held
 
 
@@ -382,8 +385,6 @@ def main(argv=None) -> int:
         print(f"train_builtin: fewer than 2 usable .py files under {root}", file=sys.stderr)
         return 2
     train_src, held_src = split_sources(sources, args.held_out)
-    if not held_src:          # tiny runs: hold out the last file so evaluation has something
-        train_src, held_src = train_src[:-1], train_src[-1:]
     log.info("data: %d files (%d train, %d held out, %.1f MB train) from %s", len(sources), len(train_src),
              len(held_src), sum(len(t) for _, t in train_src) / 1e6, root)
 
