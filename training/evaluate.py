@@ -1,0 +1,192 @@
+"""Evaluate a completion checkpoint on the held-out stdlib files (the split train_builtin.py uses).
+
+Two measurements, with baselines computed in the same run:
+
+1. Held-out perplexity: token-level cross-entropy of the model over every held-out file (plain
+   text, windows of the model's context length), reported as perplexity and bits per character.
+2. Single-line infilling: hide one non-empty line of a held-out file, put the cursor after its
+   indentation (where an editor's auto-indent leaves it), build the prompt exactly as the language
+   server does (`lsp.completion.Completer`: prefix, suffix, `<fim_middle>` + the cursor line's
+   text), complete greedily up to the newline and compare with the hidden line, both stripped.
+   Reported raw (the model's first line) and after the server's post-processing. Baselines: the
+   nearest non-empty line above, the one below, and the most frequent line of the training files.
+
+Prints a table to stdout, then one JSON line with every number.
+
+    python training/evaluate.py                       # the built-in model, 300 cases
+    python training/evaluate.py --model /path/to/checkpoint --cases 100 --ppl-max-tokens 50000
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from train_builtin import collect_sources, split_sources, stdlib_root
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the built-in model)")
+    ap.add_argument("--data-root", type=Path, default=None, help="source tree (default: the stdlib)")
+    ap.add_argument("--held-out", type=float, default=0.05, help="held-out fraction used in training")
+    ap.add_argument("--max-files", type=int, default=None, help="use only the first N files (tests)")
+    ap.add_argument("--cases", type=int, default=300, help="single-line infilling cases")
+    ap.add_argument("--seed", type=int, default=0, help="draws the infilling cases")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--context-tokens", type=int, default=1536,
+                    help="prompt budget (clamped to the model's positions, as in the server)")
+    ap.add_argument("--ppl-max-tokens", type=int, default=None,
+                    help="stop the perplexity pass after this many tokens (default: all held-out files)")
+    ap.add_argument("--time-limit-s", type=float, default=None,
+                    help="stop drawing infilling cases after this long (reports how many ran)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+@torch.no_grad()
+def held_out_perplexity(loaded, files: list[tuple[str, str]], max_tokens: int | None) -> dict:
+    """Cross-entropy of each file's text + eos, in consecutive windows of max_positions tokens
+    (each window starts fresh, so every token is predicted with 0..max_positions-1 tokens of
+    context, as in training)."""
+    model, tok = loaded.model, loaded.tokenizer
+    window = loaded.config.max_positions
+    nll, tokens, chars = 0.0, 0, 0
+    for _, text in files:
+        ids = tok.encode(text, parse_special=False) + [tok.eos_ids[0]]
+        if max_tokens is not None:
+            ids = ids[: max_tokens - tokens + 1]       # n + 1 ids give n predictions
+        for start in range(0, len(ids) - 1, window):
+            piece = torch.tensor([ids[start:start + window + 1]], device=loaded.device)
+            logits = model(piece[:, :-1])                        # [1, T, V] float32
+            nll += torch.nn.functional.cross_entropy(logits[0], piece[0, 1:], reduction="sum").item()
+            tokens += piece.shape[1] - 1
+        chars += len(tok.decode(ids))
+        if max_tokens is not None and tokens >= max_tokens:
+            break
+    return {"tokens": tokens, "loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+            "bits_per_char": nll / math.log(2) / chars}
+
+
+def draw_cases(files: list[tuple[str, str]], n: int, seed: int) -> list[tuple[int, int]]:
+    """(file index, line index) of n distinct non-empty lines, uniformly over all held-out lines."""
+    eligible = [(f, i) for f, (_, text) in enumerate(files)
+                for i, line in enumerate(text.splitlines()) if line.strip()]
+    return sorted(random.Random(seed).sample(eligible, min(n, len(eligible))))
+
+
+def nearest_nonempty(lines: list[str], i: int, step: int) -> str:
+    j = i + step
+    while 0 <= j < len(lines) and not lines[j].strip():
+        j += step
+    return lines[j].strip() if 0 <= j < len(lines) else ""
+
+
+def similarity(a: str, b: str) -> float:
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from stablelm_lsp.inference.backend import LocalBackend
+    from stablelm_lsp.lsp.completion import Completer
+    from stablelm_lsp.lsp.documents import Cursor
+    from stablelm_lsp.lsp.settings import Settings
+    from stablelm_lsp.models import ModelError, builtin_model_path
+
+    root = args.data_root or stdlib_root()
+    sources = collect_sources(root, args.max_files)
+    train_files, held_files = split_sources(sources, args.held_out)
+    if not held_files:
+        print(f"evaluate: no held-out files under {root}", file=sys.stderr)
+        return 2
+    model_path = args.model or str(builtin_model_path())
+    try:
+        backend = LocalBackend.load(model_path, device=args.device, dtype=args.dtype)
+    except ModelError as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    started = time.time()
+
+    ppl = held_out_perplexity(backend.loaded, held_files, args.ppl_max_tokens)
+    ppl_s = time.time() - started
+
+    settings = Settings(max_new_tokens=args.max_new_tokens, max_lines=1, temperature=0.0,
+                        context_tokens=args.context_tokens)
+    completer = Completer(backend, settings)
+    line_counts = Counter(line.strip() for _, text in train_files for line in text.splitlines() if line.strip())
+    most_frequent = line_counts.most_common(1)[0][0] if line_counts else ""
+
+    methods = ["model", "model+postprocess", "line above", "line below", f"most frequent ({most_frequent!r})"]
+    exact = Counter()
+    sim = Counter()
+    done = 0
+    gen_started = time.time()
+    for file_index, line_index in draw_cases(held_files, args.cases, args.seed):
+        if args.time_limit_s is not None and time.time() - gen_started > args.time_limit_s:
+            break
+        path, text = held_files[file_index]
+        lines = text.splitlines(keepends=True)
+        target_line = lines[line_index].rstrip("\r\n")
+        indent = target_line[: len(target_line) - len(target_line.lstrip())]
+        # The document as the editor holds it: the hidden line's indentation typed, cursor after it.
+        document = lines[:line_index] + [indent + "\n"] + lines[line_index + 1:]
+        pending = completer.prepare(document, Cursor(line_index, len(indent)), path=path)
+        # Single-line infilling: stop at the newline whatever the cursor position allows.
+        request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None, time_budget_s=None)
+        result = backend.generate(request)
+        shown = completer.finish(pending, result)
+        content = [line.rstrip("\r\n") for line in lines]
+        guesses = [
+            (indent + result.text.split("\n")[0]).strip(),
+            (indent + (shown.text if shown else "")).split("\n")[0].strip(),
+            nearest_nonempty(content, line_index, -1),
+            nearest_nonempty(content, line_index, +1),
+            most_frequent,
+        ]
+        target = target_line.strip()
+        for name, guess in zip(methods, guesses):
+            exact[name] += guess == target
+            sim[name] += similarity(guess, target)
+        done += 1
+    gen_s = time.time() - gen_started
+    backend.close()
+
+    info = backend.info
+    print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}")
+    print(f"held-out files: {len(held_files)} of {len(sources)} (by-file split, {args.held_out:.0%})")
+    print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
+          f"(loss {ppl['loss']:.3f}, {ppl['bits_per_char']:.3f} bits/char), {ppl_s:.0f} s")
+    print(f"single-line infilling, {done} cases from held-out files ({gen_s:.0f} s, "
+          f"{1000 * gen_s / max(done, 1):.0f} ms/case):")
+    print(f"  {'method':<40} {'exact match':>12} {'similarity':>11}")
+    for name in methods:
+        print(f"  {name:<40} {exact[name] / max(done, 1):>11.1%} {sim[name] / max(done, 1):>11.3f}")
+    summary = {
+        "model": info.name, "path": info.path, "held_out_files": len(held_files),
+        "perplexity": round(ppl["perplexity"], 3), "loss": round(ppl["loss"], 4),
+        "bits_per_char": round(ppl["bits_per_char"], 4), "perplexity_tokens": ppl["tokens"],
+        "cases": done, "seed": args.seed,
+        "exact_match": {name: round(exact[name] / max(done, 1), 4) for name in methods},
+        "similarity": {name: round(sim[name] / max(done, 1), 4) for name in methods},
+        "ms_per_case": round(1000 * gen_s / max(done, 1), 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
