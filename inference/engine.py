@@ -10,6 +10,7 @@ Prefill runs in chunks and records each one as it completes, so a request stoppe
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -113,7 +114,10 @@ class Engine:
         self.close()
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> list[int]:
-        tokens = [int(t) for t in prompt_ids]
+        try:
+            tokens = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise TokenOutOfRange("prompt token ids must be integers") from None
         if not tokens:
             raise EmptyPrompt("the prompt is empty: at least one token is needed")
         vocab = self.config.vocab_size

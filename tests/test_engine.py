@@ -266,6 +266,7 @@ def test_bad_input_gives_specific_errors_and_the_engine_stays_usable(stablelm):
             (EmptyPrompt, dict(prompt_ids=[], max_new_tokens=4)),
             (TokenOutOfRange, dict(prompt_ids=[5, vocab], max_new_tokens=4)),
             (TokenOutOfRange, dict(prompt_ids=[-1, 5], max_new_tokens=4)),
+            (TokenOutOfRange, dict(prompt_ids=[5, 6.5], max_new_tokens=4)),
             (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=0)),
             (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=-2)),
             (PromptTooLong, dict(prompt_ids=[5] * (max_pos + 1), max_new_tokens=4)),
