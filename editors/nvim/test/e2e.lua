@@ -163,6 +163,18 @@ local function check_completion(mode, namespace, workdir)
     expect(ghost.text ~= '', 'the ghost text is empty')
     expect(ghost.row == 8, 'ghost text on row ' .. ghost.row)
     log(('  ghost text: %q'):format(ghost.text))
+    if mode == 'plugin' then
+      -- Moving the cursor clears it at once (and cancels a request in flight); back at the end
+      -- of the line it comes again.
+      child:input('<Left>')
+      child:wait('the ghost text to leave the old position', 2000, ([[
+        local ghost = (loadstring or load)(%q)(...)
+        return ghost == nil or ghost.col ~= %d
+      ]]):format(ghost_text, ghost.col), namespace)
+      child:input('<End>')
+      local again = child:wait('the ghost text again', REPLY_TIMEOUT_MS, ghost_text, namespace)
+      expect(again.text == ghost.text and again.col == ghost.col, 'a different ghost text after moving back')
+    end
     child:input('<Tab>')
     local lines = child:wait('the accepted text in the buffer', 5000, [[
       local lines = vim.api.nvim_buf_get_lines(0, 8, -1, false)

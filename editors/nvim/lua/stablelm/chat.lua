@@ -217,11 +217,6 @@ function M.reset()
   end
 end
 
----@return boolean
-function M.busy()
-  return conversation.pending ~= nil
-end
-
 --- :StablelmChat [question]: asks, or prompts for the question when there is none.
 ---@param args { args: string, range: integer, line1: integer, line2: integer, bang: boolean }
 function M.command(args)

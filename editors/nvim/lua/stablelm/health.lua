@@ -18,8 +18,7 @@ local function check_neovim(stablelm)
 end
 
 local function check_command(stablelm)
-  local opts = stablelm.options
-  local cmd = opts.python and { vim.fn.expand(opts.python), '-m', 'stablelm_lsp.lsp', '--stdio' } or opts.cmd
+  local cmd = stablelm.server_cmd()
   local line = table.concat(cmd, ' ')
   if vim.fn.executable(cmd[1]) == 1 then
     health.ok('server command: ' .. line)
@@ -29,7 +28,7 @@ local function check_command(stablelm)
       "and pass its path: require('stablelm').setup({ cmd = { '/path/to/.venv/bin/stablelm-lsp', '--stdio' } })",
     })
   end
-  local settings = vim.inspect(opts.settings, { newline = ' ', indent = '' })
+  local settings = vim.inspect(stablelm.options.settings, { newline = ' ', indent = '' })
   health.info('settings: ' .. settings)
 end
 

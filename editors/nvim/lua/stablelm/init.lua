@@ -172,14 +172,19 @@ local function server_settings()
   return next(M.options.settings) and M.options.settings or vim.empty_dict()
 end
 
+--- The command line that starts the server.
+---@return string[]
+function M.server_cmd()
+  local opts = M.options
+  return opts.python and { vim.fn.expand(opts.python), '-m', 'stablelm_lsp.lsp', '--stdio' } or opts.cmd
+end
+
 --- The client configuration (vim.lsp.Config).
 local function client_config()
-  local opts = M.options
-  local cmd = opts.python and { vim.fn.expand(opts.python), '-m', 'stablelm_lsp.lsp', '--stdio' } or opts.cmd
   return {
     name = util.name,
-    cmd = cmd,
-    filetypes = opts.filetypes,
+    cmd = M.server_cmd(),
+    filetypes = M.options.filetypes,
     -- One server (one model in memory) for every project.
     reuse_client = function(client, config)
       return client.name == config.name
