@@ -132,7 +132,9 @@ export class Server implements vscode.Disposable {
     client.registerFeature(new LoadProgressFeature(client, (progress) => this.statusBar.update({ progress })));
     client.onNotification(StatusNotification, (status: ServerStatus) => {
       const progress = status.state === "loading" ? this.statusBar.state.progress : undefined;
+      const failedNow = status.state === "error" && this.statusBar.state.server?.state !== "error";
       this.statusBar.update({ server: status, progress });
+      if (failedNow) void this.reportLoadError(status);
     });
     client.onNotification(ChatDeltaNotification, (delta: ChatDelta) => {
       for (const listener of this.deltaListeners) listener(delta);
@@ -153,6 +155,19 @@ export class Server implements vscode.Disposable {
       const message = error instanceof Error ? error.message : String(error);
       this.log.error(`the server did not start: ${message}`);
       this.statusBar.update({ phase: "stopped", error: message });
+    }
+  }
+
+  /** A model that does not load is worth a notification: the status bar alone is easy to miss. */
+  private async reportLoadError(status: ServerStatus): Promise<void> {
+    const openSettings = "Open Settings";
+    const showLog = "Show Log";
+    const message = `StableLM: ${status.model ? `${status.model}: ` : ""}${status.message ?? "the model failed to load"}`;
+    const answer = await vscode.window.showErrorMessage(message, openSettings, showLog);
+    if (answer === openSettings) {
+      await vscode.commands.executeCommand("workbench.action.openSettings", SECTION);
+    } else if (answer === showLog) {
+      this.log.show();
     }
   }
 

@@ -147,6 +147,16 @@ test("$/progress and stablelm/status drive the status bar item", async () => {
   assert.equal(statusItem().command, "stablelm.toggle");
 });
 
+test("a model that fails to load is reported once, with the server's message", async () => {
+  start();
+  await settle();
+  const status = { state: "error", model: "/models/missing", builtin: false, device: "cpu", dtype: "float32", message: "no config.json" };
+  clients[0].notificationHandlers.get("stablelm/status")!(status);
+  clients[0].notificationHandlers.get("stablelm/status")!(status);
+  assert.deepEqual(state.messages, ["StableLM: /models/missing: no config.json"]);
+  assert.equal(statusItem().text, "$(error) StableLM");
+});
+
 test("pausing stops inline completion requests; the completion fallback is never asked", async () => {
   start();
   await settle();
