@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -102,13 +104,38 @@ async def stop_client(client: LanguageClient) -> int | None:
 
 
 class RawServer:
-    """The server as a subprocess spoken to in raw bytes, for framing and protocol edge cases."""
+    """The server as a subprocess spoken to in raw bytes, for framing and protocol edge cases.
+    A thread parses what the server writes: anything that is not a well-framed JSON message on
+    its stdout fails the test."""
 
-    def __init__(self, model: Path, state_dir: Path, *flags: str):
-        self.process = subprocess.Popen(server_command(model, *flags), stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                        env=server_env(state_dir))
+    def __init__(self, model: Path, state_dir: Path, *flags: str, command: list[str] | None = None):
+        self.process = subprocess.Popen(command or server_command(model, *flags),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=server_env(state_dir))
+        self._messages: queue.Queue = queue.Queue()
         self._next_id = 0
+        threading.Thread(target=self._read_all, daemon=True).start()
+
+    def _read_all(self) -> None:
+        stream = self.process.stdout
+        try:
+            while True:
+                length = None
+                while True:
+                    line = stream.readline()
+                    if not line:
+                        self._messages.put(None)
+                        return
+                    if line == b"\r\n":
+                        break
+                    name, _, value = line.decode("ascii").partition(":")
+                    if name not in ("Content-Length", "Content-Type"):
+                        raise AssertionError(f"the server wrote a bad header line {line!r}")
+                    if name == "Content-Length":
+                        length = int(value)
+                self._messages.put(json.loads(stream.read(length)))
+        except Exception as exc:     # handed to the test by read()
+            self._messages.put(exc)
 
     def send_bytes(self, data: bytes) -> None:
         self.process.stdin.write(data)
@@ -133,23 +160,22 @@ class RawServer:
             message["params"] = params
         self.send(message)
 
-    def read(self) -> dict:
-        """The next message from the server (blocking; the test's timeout guards it)."""
-        length = None
-        while True:
-            line = self.process.stdout.readline()
-            assert line, "the server closed its output"
-            if line in (b"\r\n", b"\n"):
-                break
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return json.loads(self.process.stdout.read(length))
+    def read(self, timeout: float = TIMEOUT_S) -> dict | None:
+        """The next message from the server; None once its output is closed."""
+        try:
+            message = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no message from the server in {timeout}s") from None
+        if isinstance(message, Exception):
+            raise message
+        return message
 
     def response(self, msg_id, answer_requests: bool = True) -> dict:
-        """Read until the response to `msg_id`; server requests are answered with null."""
+        """Read until the response to `msg_id`; server requests are answered with null unless
+        `answer_requests` is False (a client that never answers)."""
         while True:
             message = self.read()
+            assert message is not None, "the server closed its output"
             if message.get("id") == msg_id and "method" not in message:
                 return message
             if answer_requests and "method" in message and "id" in message:
@@ -162,25 +188,28 @@ class RawServer:
         self.notify("initialized", {})
         return result
 
+    def status(self, answer_requests: bool = True) -> dict:
+        answer = self.response(self.request("workspace/executeCommand",
+                                            {"command": "stablelm.status"}), answer_requests)
+        return answer["result"]
+
     def wait_ready(self, answer_requests: bool = True) -> dict:
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:
-            answer = self.response(self.request("workspace/executeCommand",
-                                                {"command": "stablelm.status"}), answer_requests)
-            if answer["result"]["state"] != "loading":
-                return answer["result"]
+            current = self.status(answer_requests)
+            if current["state"] != "loading":
+                return current
             time.sleep(0.05)
         raise AssertionError("the model did not load")
 
     def close(self) -> int:
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.close()
-            except BrokenPipeError:
-                pass
+        """Close the server's input (end of stream) and wait for it to exit."""
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
         try:
             return self.process.wait(timeout=TIMEOUT_S)
         finally:
             if self.process.poll() is None:
                 self.process.kill()
-            self.process.stdout.close()
