@@ -66,7 +66,8 @@ export function renderStatus(view: StatusView): RenderedStatus {
       warning: true,
     };
   }
-  if (!server || server.state === "loading" || progress) {
+  // $/progress only counts while loading: a late report after "ready" must not bring back the spinner.
+  if (!server || server.state === "loading") {
     const percent = progress?.percentage !== undefined ? ` ${Math.round(progress.percentage)}%` : "";
     const what = server?.model ? modelLabel(server) : "the model";
     const detail = progress?.message ?? server?.message;

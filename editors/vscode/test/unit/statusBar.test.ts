@@ -29,6 +29,11 @@ test("loading shows the $/progress percentage and message", () => {
   assert.match(rendered.tooltip, /Loading starcoder2-3b: layer 12 of 30/);
 });
 
+test("progress reported after ready is ignored", () => {
+  const rendered = renderStatus({ phase: "running", paused: false, server: ready, progress: { percentage: 90 } });
+  assert.equal(rendered.text, "$(sparkle) starcoder2-3b");
+});
+
 test("ready shows the model and where it runs", () => {
   const rendered = renderStatus({ phase: "running", paused: false, server: ready });
   assert.equal(rendered.text, "$(sparkle) starcoder2-3b");
