@@ -21,13 +21,15 @@ from .streaming import Utf8StreamDecoder
 
 class LocalBackend(Backend):
     def __init__(self, loaded, *, builtin: bool = False, budget_tokens: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", prefix_reuse: bool = True):
         """loaded: a models.LoadedModel. budget_tokens: KV positions kept across requests
         (default: a share of the device's memory, see engine.default_budget_tokens).
-        attention: auto | sdpa | flash (inference/attention.py)."""
+        attention: auto | sdpa | flash (inference/attention.py). prefix_reuse=False: no KV reuse
+        across requests (a measurement baseline)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded, budget_tokens=budget_tokens, attention=attention)
+        self.engine = Engine(loaded, budget_tokens=budget_tokens, attention=attention,
+                             prefix_reuse=prefix_reuse)
         cfg, tok = loaded.config, loaded.tokenizer
         self._info = ModelInfo(
             name=loaded.name, path=str(loaded.path), model_type=cfg.model_type, builtin=builtin,
@@ -40,14 +42,16 @@ class LocalBackend(Backend):
     @classmethod
     def load(cls, path_or_id: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
              allow_pickle: bool = False, progress: Callable[[float, str], None] | None = None,
-             budget_tokens: int | None = None, attention: str = "auto") -> "LocalBackend":
+             budget_tokens: int | None = None, attention: str = "auto",
+             prefix_reuse: bool = True) -> "LocalBackend":
         """Load a checkpoint folder or Hub id (models.load_model) and start an engine on it."""
         from stablelm_lsp.models import builtin_model_path, load_model
 
         loaded = load_model(path_or_id, device=device, dtype=dtype, allow_pickle=allow_pickle,
                             progress=progress)
         builtin = Path(loaded.path).resolve() == builtin_model_path().resolve()
-        return cls(loaded, builtin=builtin, budget_tokens=budget_tokens, attention=attention)
+        return cls(loaded, builtin=builtin, budget_tokens=budget_tokens, attention=attention,
+                   prefix_reuse=prefix_reuse)
 
     @property
     def info(self) -> ModelInfo:

@@ -52,9 +52,11 @@ TokenCallback = Callable[[int], "str | None"]
 
 class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", prefix_reuse: bool = True):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
-        attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model."""
+        attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model.
+        prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with."""
+        self.prefix_reuse = prefix_reuse
         self.model = loaded.model
         self.config = loaded.config
         self.device = torch.device(loaded.device)
@@ -132,6 +134,8 @@ class Engine:
     @torch.inference_mode()
     def _run(self, job: Job, tokens: list[int], needed: int, sampling: SamplingParams,
              stops: TokenStops, on_token: TokenCallback | None, started: float) -> EngineResult:
+        if not self.prefix_reuse:
+            self.prefix_cache.clear()
         slot, reused = self.prefix_cache.acquire(tokens, needed, job.key)
         result = EngineResult([], "length", len(tokens), reused)
         try:
