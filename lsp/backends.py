@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 from stablelm_lsp.inference.api import Backend
 
@@ -26,12 +26,9 @@ def load_local_backend(model: str | None, settings: Settings, progress: Progress
     from stablelm_lsp.inference.backend import LocalBackend
     from stablelm_lsp.models import builtin_model_path
 
-    options: dict[str, Any] = {}
-    if not settings.prefix_cache:
-        options["prefix_reuse"] = False
     return LocalBackend.load(model or str(builtin_model_path()), device=settings.device,
                              dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                             progress=progress, **options)
+                             progress=progress, prefix_reuse=settings.prefix_cache)
 
 
 class BackendManager:
