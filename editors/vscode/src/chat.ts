@@ -182,8 +182,9 @@ export class ChatViewProvider implements vscode.WebviewViewProvider, vscode.Disp
     const media = vscode.Uri.joinPath(this.extensionUri, "media");
     view.webview.options = { enableScripts: true, localResourceRoots: [dist, media] };
     view.webview.html = chatHtml(view.webview, vscode.Uri.joinPath(dist, "chat.js"), vscode.Uri.joinPath(media, "chat.css"));
-    view.webview.onDidReceiveMessage((message: FromWebview) => this.receive(message), undefined, this.disposables);
+    const listener = view.webview.onDidReceiveMessage((message: FromWebview) => this.receive(message));
     view.onDidDispose(() => {
+      listener.dispose();
       if (this.view === view) this.view = undefined;
     });
   }

@@ -1,9 +1,9 @@
 import * as assert from "node:assert/strict";
 import { beforeEach, test } from "node:test";
 import type * as vscode from "vscode";
-import { ChatServer, ChatSession, editorContext, ToWebview } from "../../src/chat";
+import { ChatServer, ChatSession, ChatViewProvider, editorContext, FromWebview, ToWebview } from "../../src/chat";
 import type { ChatDelta, ChatParams, ChatResult } from "../../src/protocol";
-import { FakeUri, reset } from "../fakeVscode";
+import { FakeUri, reset, state } from "../fakeVscode";
 
 /** A server whose replies the test scripts: `reply` gets the request and a way to stream. */
 class ScriptedServer implements ChatServer {
@@ -195,4 +195,65 @@ test("the context is the current file, plus the selection when there is one", ()
     label: "app.py:4-8",
   });
   assert.equal(editorContext(undefined), undefined);
+});
+
+/** A webview view as VS Code hands it to the provider: messages in, messages out. */
+function fakeView() {
+  let receive: ((message: FromWebview) => void) | undefined;
+  const posted: ToWebview[] = [];
+  const view = {
+    webview: {
+      options: {},
+      html: "",
+      cspSource: "vscode-resource:",
+      asWebviewUri: (uri: unknown) => uri,
+      onDidReceiveMessage: (listener: (message: FromWebview) => void) => {
+        receive = listener;
+        return { dispose: () => (receive = undefined) };
+      },
+      postMessage: async (message: ToWebview) => posted.push(message),
+    },
+    onDidDispose: () => ({ dispose() {} }),
+  };
+  return { view: view as unknown as vscode.WebviewView, posted, send: (message: FromWebview) => receive?.(message) };
+}
+
+test("the chat view: replays on ready, asks with the editor's context, copies and inserts", async () => {
+  const replaced: { selection: unknown; text: string }[] = [];
+  const file = editor("/src/app.py", { start: [1, 0], end: [2, 0] });
+  Object.assign(file, {
+    selections: [file.selection],
+    edit: async (build: (edit: { replace(selection: unknown, text: string): void }) => void) => {
+      build({ replace: (selection, text) => replaced.push({ selection, text }) });
+      return true;
+    },
+  });
+  state.activeTextEditor = file;
+  const server = new ScriptedServer(async (params) => ({ chatId: params.chatId, text: "done", finishReason: "eos" }));
+  const provider = new ChatViewProvider(FakeUri.file("/ext") as unknown as vscode.Uri, server);
+  const { view, posted, send } = fakeView();
+  provider.resolveWebviewView(view);
+  assert.match(view.webview.html, /Content-Security-Policy/);
+  assert.deepEqual(view.webview.options, {
+    enableScripts: true,
+    localResourceRoots: [FakeUri.file("/ext/out/dist"), FakeUri.file("/ext/media")],
+  });
+
+  send({ type: "ready" });
+  assert.deepEqual(posted, [{ type: "history", turns: [], busy: false }]);
+  send({ type: "ask", text: "why?" });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(server.requests[0].context, {
+    uri: "file:///src/app.py",
+    range: { start: { line: 1, character: 0 }, end: { line: 2, character: 0 } },
+  });
+  assert.deepEqual(posted.at(-2), { type: "end", turn: { role: "assistant", text: "done", note: undefined } });
+
+  send({ type: "copy", text: "x = 1\n" });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(state.clipboard, "x = 1\n");
+  send({ type: "insert", text: "y = 2\n" });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(replaced, [{ selection: file.selection, text: "y = 2\n" }]);
+  provider.dispose();
 });
