@@ -61,6 +61,11 @@ class Engine:
         self.config = loaded.config
         self.device = torch.device(loaded.device)
         self.dtype = loaded.dtype
+        # Checkpoints pad the embedding table past the tokenizer's vocabulary (stablelm-2: 100352
+        # rows, 100289 tokens): ids the tokenizer cannot decode are never sampled.
+        tokenizer = getattr(loaded, "tokenizer", None)
+        self.sample_vocab = min(self.config.vocab_size,
+                                tokenizer.vocab_size if tokenizer is not None else self.config.vocab_size)
         cfg = self.config
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, 256)
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
@@ -165,7 +170,7 @@ class Engine:
                 stops: TokenStops, on_token: TokenCallback | None, generated: list[int]) -> str:
         sampler = Sampler(sampling, self.device)
         while True:
-            token = sampler(logits)
+            token = sampler(logits[:self.sample_vocab])
             generated.append(token)
             if token in stops.stop_ids:
                 return "eos"
