@@ -235,6 +235,8 @@ class StableLMServer(LanguageServer):
         self.stats = Stats(settings.stats_path())
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutdown_received = False
+        self.last_run: dict | None = None    # the latest generation's numbers, for stablelm.status
+        self._runs = 0
         self._settings_problems: list[str] = []
         self._progress_events: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -538,9 +540,13 @@ class StableLMServer(LanguageServer):
         if cancel.is_set() or doc.version != version or self.documents.get(uri) is not doc \
                 or result.finish_reason in ("cancelled", "superseded"):
             return None      # the document moved on: never show a completion for older text
-        log.debug("completion %s: %d prompt tokens, %d reused, %s, %.0f ms", uri,
-                  result.prompt_tokens, result.reused_tokens, result.finish_reason,
-                  result.elapsed_s * 1000)
+        self._runs += 1
+        self.last_run = {"run": self._runs, "promptTokens": result.prompt_tokens,
+                         "reusedTokens": result.reused_tokens,
+                         "generatedTokens": len(result.token_ids),
+                         "finishReason": result.finish_reason,
+                         "elapsedMs": round(result.elapsed_s * 1000, 1)}
+        log.debug("completion %s: %s", uri, self.last_run)
         completion = completer.finish(pending, result)
         if completion is None:
             session.shown = None
@@ -567,7 +573,7 @@ class StableLMServer(LanguageServer):
 
     def _status_command(self, *args) -> dict:
         return {**self.backends.status, **self.stats.snapshot(),
-                "statsFile": str(self.stats.path)}
+                "statsFile": str(self.stats.path), "lastRun": self.last_run}
 
     def _accepted_command(self, *args) -> dict:
         if len(args) != 1 or not isinstance(args[0], dict) or not isinstance(args[0].get("id"), str):
