@@ -51,7 +51,7 @@ def test_generate_prints_text(stablelm_checkpoint):
     (["--model", "{tmp}"], "config.json"),
     (["--model", "{ckpt}", "--prompt", ""], "empty"),
     (["--model", "{ckpt}", "--max-new-tokens", "0"], "max"),
-    (["--model", "{ckpt}", "--prompt", "x = 1\n" * 400], "longer"),
+    (["--model", "{ckpt}", "--prompt", "x = 1\n" * 400], "positions"),
 ])
 def test_bad_input_one_line_exit_2(args, words, tmp_path, stablelm_checkpoint):
     args = [a.format(tmp=tmp_path, ckpt=stablelm_checkpoint) for a in args]
