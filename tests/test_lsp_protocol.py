@@ -101,6 +101,20 @@ def test_unknown_documents_positions_past_the_end_and_bad_edits(server, tmp_path
     assert "result" in _inline(server, uri, 1, 11)
 
 
+def test_whole_document_changes_replace_the_text(server):
+    # Outside any workspace folder the prompt names the file by its base name only, so these two
+    # documents give the same prompt once their texts agree.
+    edited, reference = "file:///one/same_name.py", "file:///two/same_name.py"
+    changed = TEXT.replace("a + b", "sum((a, b))")
+    _open(server, edited, TEXT)
+    server.notify("textDocument/didChange", {"textDocument": {"uri": edited, "version": 2},
+                                             "contentChanges": [{"text": changed}]})
+    _open(server, reference, changed)
+    texts = [[item["insertText"] for item in _inline(server, uri, 1, 11)["result"]["items"]]
+             for uri in (edited, reference)]
+    assert texts[0] == texts[1] and texts[0]
+
+
 def test_large_and_binary_documents_get_bounded_work(server):
     many_lines = "".join(f"value_{i} = compute({i})\n" for i in range(250_000))   # ~6 MB
     assert len(many_lines) > 5_000_000

@@ -1,0 +1,128 @@
+"""The server's pure pieces: settings, stats, paths, item ranges, type-through memory, framing."""
+import json
+
+import pytest
+
+from stablelm_lsp.lsp.completion import ShownCompletion
+from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
+from stablelm_lsp.lsp.postprocess import Completion
+from stablelm_lsp.lsp.server import inline_item, relative_path
+from stablelm_lsp.lsp.settings import Settings, SettingsError
+from stablelm_lsp.lsp.stats import Stats
+from stablelm_lsp.lsp.transport import FrameParser, FramingError
+
+
+def test_settings_accept_camel_case_flat_or_under_a_section():
+    s = Settings().merged({"maxNewTokens": 12, "debounceMs": 0, "chatModel": "x"})
+    assert (s.max_new_tokens, s.debounce_ms, s.chat_model) == (12, 0, "x")
+    s = Settings().merged({"stablelm": {"enabled": False, "model": ""}})
+    assert s.enabled is False and s.model is None
+    assert Settings().merged(None) == Settings()
+
+
+def test_bad_settings_are_reported_and_the_good_ones_still_apply():
+    with pytest.raises(SettingsError) as info:
+        Settings().merged({"temperature": "hot", "maxNewTokens": 0, "contextTokens": 700,
+                           "dtype": "int4", "template": "{prefix}", "enabled": 1, "nope": True})
+    problems = " | ".join(info.value.problems)
+    for name in ("temperature", "maxNewTokens", "dtype", "template", "enabled", "'nope'"):
+        assert name in problems
+    assert info.value.applied.context_tokens == 700
+    with pytest.raises(SettingsError):
+        Settings().merged(["not", "an", "object"])
+
+
+def test_model_changes_are_told_apart_from_other_changes():
+    base = Settings()
+    assert base.model_changed(base.merged({"model": "a"}))
+    assert base.model_changed(base.merged({"prefixCache": False}))
+    assert not base.model_changed(base.merged({"maxNewTokens": 3, "template": "{prefix}{middle}"}))
+
+
+def test_stats_count_accepts_once_and_merge_across_servers(tmp_path):
+    path = tmp_path / "state" / "stats.json"
+    first, second = Stats(path), Stats(path)
+    first.record_shown("a")
+    second.record_shown("b")
+    assert first.record_accepted("a") and not first.record_accepted("a")
+    assert not first.record_accepted("b")          # shown by the other server
+    assert second.record_accepted("b")
+    first.flush()
+    second.flush()
+    assert json.loads(path.read_text()) == {"completionsShown": 2, "completionsAccepted": 2}
+    assert Stats(path).snapshot() == {"completionsShown": 2, "completionsAccepted": 2}
+
+
+def test_unreadable_stats_file_counts_from_zero(tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text("{broken")
+    assert Stats(path).snapshot() == {"completionsShown": 0, "completionsAccepted": 0}
+
+
+def test_relative_paths_and_repository_names(tmp_path):
+    root = tmp_path / "repo"
+    inner = root / "sub"
+    uri = (inner / "pkg" / "m.py").as_uri()
+    assert relative_path(uri, [root.as_uri()]) == ("sub/pkg/m.py", "repo")
+    assert relative_path(uri, [root.as_uri(), inner.as_uri()]) == ("pkg/m.py", "sub")
+    assert relative_path((tmp_path / "x.py").as_uri(), [root.as_uri()]) == ("x.py", "")
+    assert relative_path("untitled:Untitled-1", [root.as_uri()]) == ("Untitled-1", "")
+
+
+def test_item_range_covers_replaced_closers_in_the_client_encoding():
+    doc = Document("file:///a.py", 'print("\U0001F600", f(x))\n', 1)
+    cursor = Cursor(0, len('print("\U0001F600", f(x'))
+    item = inline_item(Completion("x)", replace=1), cursor, doc, PositionEncoding.UTF16, "id")
+    assert (item.range.start.character, item.range.end.character) == (cursor.index + 1, cursor.index + 2)
+    item = inline_item(Completion("x)", replace=1), cursor, doc, PositionEncoding.UTF8, "id")
+    assert item.range.start.character == len('print("\U0001F600", f(x'.encode())
+    assert inline_item(Completion("x"), cursor, doc, PositionEncoding.UTF16, "id").range is None
+    assert item.command.arguments == [{"id": "id"}]
+
+
+def test_type_through_memory_follows_matching_keys_only():
+    shown = ShownCompletion(Completion("return x", replace=1), Cursor(3, 4))
+    assert shown.observe_insert(Cursor(3, 4), Cursor(3, 4), "re")
+    assert shown.remainder(Cursor(3, 6)) == Completion("turn x", replace=1)
+    assert shown.remainder(Cursor(3, 5)) is None
+    assert not shown.observe_insert(Cursor(3, 6), Cursor(3, 6), "x")        # does not match
+    assert not ShownCompletion(Completion("ab"), Cursor(0, 0)).observe_insert(
+        Cursor(0, 0), Cursor(0, 1), "a")                                      # replaces text
+    done = ShownCompletion(Completion("ab"), Cursor(0, 0))
+    assert done.observe_insert(Cursor(0, 0), Cursor(0, 0), "ab") and done.remainder(Cursor(0, 2)) is None
+
+
+def _frame(body: bytes, length: int | None = None) -> bytes:
+    return b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length) + body
+
+
+def test_frames_split_anywhere_are_reassembled():
+    data = _frame(b'{"a": 1}') + _frame("{\"b\": \"\u00e9\U0001F600\"}".encode())
+    for cut in range(len(data)):
+        parser = FrameParser()
+        frames = parser.feed(data[:cut]) + parser.feed(data[cut:])
+        assert frames == [b'{"a": 1}', "{\"b\": \"\u00e9\U0001F600\"}".encode()]
+
+
+def test_framing_errors_resynchronise_on_the_next_header():
+    parser = FrameParser()
+    frames = parser.feed(_frame(b'{"id": 1}', 40) + _frame(b'{"id": 2}'))
+    assert isinstance(frames[0], FramingError) and frames[0].salvage == b'{"id": 1}'
+    assert frames[1:] == [b'{"id": 2}']
+    frames = FrameParser().feed(b"junk" * 5000 + _frame(b"{}"))
+    assert isinstance(frames[0], FramingError) and frames[-1] == b"{}"
+    parser = FrameParser()
+    assert parser.feed(_frame(b'{"id": 3}', 100)) == [] and parser.awaiting_body
+    (late,) = parser.flush_idle()
+    assert late.salvage == b'{"id": 3}' and not parser.awaiting_body
+    assert parser.feed(_frame(b"{}")) == [b"{}"]
+
+
+def test_a_large_body_arriving_in_small_chunks_is_scanned_once():
+    body = json.dumps({"text": "x = 1\n" * 500_000}).encode()
+    parser = FrameParser()
+    data = _frame(body)
+    frames = []
+    for start in range(0, len(data), 1 << 16):
+        frames += parser.feed(data[start:start + (1 << 16)])
+    assert frames == [body]
