@@ -21,6 +21,7 @@ Prints a table and one JSON line with the ratios.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -83,25 +84,40 @@ class HFContinuation:
         return new
 
 
+def load_transformers(path: Path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None   # exactly `steps` tokens, like the engine here
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def token_engine(loaded):
+    """An Engine sampling from the model's whole vocabulary, as transformers does: the
+    checkpoints here come with a small stand-in tokenizer, which the engine would otherwise
+    take as the limit of what may be sampled."""
+    from stablelm_lsp.inference.engine import Engine
+
+    return Engine(dataclasses.replace(loaded, tokenizer=None))
+
+
 def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
+                             max_new_tokens=steps, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
 def keystroke_replay(loaded, hf, keystrokes: int, scratch_keystrokes: int) -> dict:
-    from stablelm_lsp.inference.engine import Engine
-
     vocab = loaded.config.vocab_size
     base = random_ids(PROMPT_TOKENS, vocab, seed=0)
     typed = random_ids(keystrokes, vocab, seed=1)
     prompts = [base + typed[:k + 1] for k in range(keystrokes)]
 
     ours, ours_out, reused = [], [], []
-    with Engine(loaded) as engine:
+    with token_engine(loaded) as engine:
         engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")  # the state before typing
         for p in prompts:
             t0 = time.perf_counter()
@@ -134,11 +150,9 @@ def keystroke_replay(loaded, hf, keystrokes: int, scratch_keystrokes: int) -> di
 
 def decode_speed(loaded, hf, bandwidth: float) -> dict:
     """Seconds per generated token with PROMPT_TOKENS of context already cached, both engines."""
-    from stablelm_lsp.inference.engine import Engine
-
     prompt = random_ids(PROMPT_TOKENS, loaded.config.vocab_size, seed=2)
     steps = DECODE_STEPS + 1
-    with Engine(loaded) as engine:
+    with token_engine(loaded) as engine:
         engine.generate(prompt, max_new_tokens=1)
         # everything but the last prompt token comes from the cache: steps forward passes of one
         # token each, the first at position 1499
@@ -170,7 +184,6 @@ def decode_speed(loaded, hf, bandwidth: float) -> dict:
 def sliding_window_memory(out: Path) -> dict:
     import transformers
 
-    from stablelm_lsp.inference.engine import Engine
     from stablelm_lsp.models import load_model
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -179,12 +192,12 @@ def sliding_window_memory(out: Path) -> dict:
     path = build_tiny_checkpoint("starcoder2", out, **STARCODER2_SIZES)
     loaded = load_model(path, device="cpu", dtype="float32")
     prompt = random_ids(LONG_PROMPT, loaded.config.vocab_size, seed=3)
-    with Engine(loaded) as engine:
+    with token_engine(loaded) as engine:
         result = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
         held = engine.prefix_cache.nbytes
         ring = engine.prefix_cache.ring_capacity
     per_token = loaded.config.kv_bytes_per_token * 4
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = load_transformers(path)
     cache = transformers.DynamicCache(config=hf.config)
     hf_tokens = hf_generate(hf, prompt, NEW_TOKENS, cache)
     hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -203,15 +216,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import transformers
-
     from stablelm_lsp.models import load_model
 
     bandwidth = memory_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_stablelm_160m(Path(tmp) / "stablelm-160m")
         loaded = load_model(path, device="cpu", dtype="float32")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf = load_transformers(path)
         params = loaded.model.num_parameters()
         keys = keystroke_replay(loaded, hf, args.keystrokes, args.scratch_keystrokes)
         dec = decode_speed(loaded, hf, bandwidth)

@@ -132,6 +132,15 @@ def hf_greedy(path, ids: list[int], steps: int) -> list[int]:
     return seq[0, len(ids):].tolist()
 
 
+def test_chunked_prefill_reuse_and_decode_match_transformers(stablelm, stablelm_checkpoint):
+    ids = random_ids(random.Random(13), 3 * CHUNK + 5, stablelm.config.vocab_size)
+    with Engine(stablelm, prefill_chunk=CHUNK) as engine:
+        engine.generate(ids[:50], max_new_tokens=3)
+        got = engine.generate(ids, max_new_tokens=12)
+    assert got.reused_tokens == 50
+    assert got.token_ids == hf_greedy(stablelm_checkpoint, ids, 12)
+
+
 def test_sliding_window_beyond_the_window_matches_transformers(starcoder2, starcoder2_checkpoint):
     window = starcoder2.config.sliding_window
     rng = random.Random(6)
