@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -118,7 +117,6 @@ class ChatService:
         self.memory = ConversationMemory()
         self._chat_backend: Backend | None = None
         self._chat_backend_key: tuple | None = None     # the settings it was loaded with
-        self._counters: weakref.WeakKeyDictionary[Backend, TokenCounter] = weakref.WeakKeyDictionary()
         self._load_lock = asyncio.Lock()
 
     async def chat(self, *arguments: Any) -> dict:
@@ -132,14 +130,14 @@ class ChatService:
                     "promptTokens": 0, "reusedTokens": 0}
         messages, keep_from = self.memory.resolve(params.messages)
         settings = self.server.settings
-        counter = self._counters.get(backend)
-        if counter is None:
-            counter = self._counters[backend] = TokenCounter(backend.count_tokens)
         try:
-            # Tokenizing a long conversation takes a while: off the event loop.
+            # Tokenizing a long conversation takes a while: off the event loop. The counter is
+            # this request's own (its cache is not thread-safe); it saves recounting the
+            # context's lines while the prompt is fitted to the budget.
             prompt, request = await asyncio.to_thread(
-                prepare_turn, backend.info, messages, count_tokens=counter, context=context,
-                keep_from=keep_from, temperature=settings.temperature, key=f"chat:{params.chat_id}")
+                prepare_turn, backend.info, messages, context=context, keep_from=keep_from,
+                count_tokens=TokenCounter(backend.count_tokens),
+                temperature=settings.temperature, key=f"chat:{params.chat_id}")
         except ChatFormatError as exc:
             raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: {exc}") from None
 
@@ -186,6 +184,9 @@ class ChatService:
         completion model once it is ready; None when cancelled while waiting for it."""
         settings = self.server.settings
         if settings.chat_model is None:
+            if self._chat_backend is not None:      # set earlier, no longer wanted
+                async with self._load_lock:
+                    self.close()
             return await self._completion_backend(cancel)
         key = (settings.chat_model, settings.device, settings.dtype, settings.allow_pickle,
                settings.prefix_cache)
