@@ -17,7 +17,7 @@ in the reuse share.
 
 Prints a table and one JSON line.
 
-    python bench/lsp_bench.py [--file PATH] [--line N] [--lines 3] [--off-keystrokes 12]
+    python bench/lsp_bench.py [--file PATH] [--line N] [--lines 2] [--off-keystrokes 6]
 """
 from __future__ import annotations
 
@@ -136,9 +136,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", type=Path, default=None, help="source file to replay (default: textwrap.py)")
     ap.add_argument("--line", type=int, default=None, help="first line to type (default: mid-file)")
-    ap.add_argument("--lines", type=int, default=3, help="lines typed back")
+    ap.add_argument("--lines", type=int, default=2, help="lines typed back")
     ap.add_argument("--keystrokes", type=int, default=None, help="stop after this many (with cache)")
-    ap.add_argument("--off-keystrokes", type=int, default=12,
+    ap.add_argument("--off-keystrokes", type=int, default=6,
                     help="keystrokes replayed without the cache (each costs a whole prompt)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--context-tokens", type=int, default=1536)
