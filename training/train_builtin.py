@@ -309,17 +309,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor_ratio: float = 
     return peak * (floor_ratio + (1 - floor_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def next_token_loss(model, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of labels (already the next tokens, -100 where padded) under the logits at
+    each input position. Computed here, not by passing labels to the model: transformers' causal
+    LM loss shifts labels itself."""
+    logits = model(input_ids=inputs).logits                   # [B, T, V]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=-100, reduction=reduction)
+
+
 @torch.no_grad()
 def mean_loss(model, rows: list[list[int]], context: int, pad_id: int, batch_size: int) -> float:
-    """Token-weighted mean cross-entropy over rows."""
+    """Token-weighted mean next-token cross-entropy over rows."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         inputs, labels = batch_tensors(rows[i:i + batch_size], context, pad_id)
-        logits = model(input_ids=inputs).logits.float()
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += losses.item()
+        total += next_token_loss(model, inputs, labels, reduction="sum").item()
         count += int((labels != -100).sum())
     model.train()
     return total / max(1, count)
@@ -435,7 +441,7 @@ def main(argv=None) -> int:
         inputs, labels = batch_tensors(rows, args.context, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        loss = model(input_ids=inputs, labels=labels).loss
+        loss = next_token_loss(model, inputs, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
