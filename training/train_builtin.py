@@ -186,11 +186,17 @@ class SampleMaker:
     def plain(self, chunk: str) -> list[int]:
         return (self.encode(chunk) + [self.ids[EOS]])[: self.context + 1]
 
-    def fim(self, prefix: str, middle: str, suffix: str, lead: list[int] = (), header: list[int] = ()) -> list[int]:
+    def fim(self, prefix: str, middle: str, suffix: str, typed: int = 0, lead: list[int] = (),
+            header: list[int] = ()) -> list[int]:
         """PSM ids fitted to context+1: lead + <fim_prefix> + header + prefix + <fim_suffix> +
         suffix + <fim_middle> + middle + eos. Trims the prefix's start and the suffix's end and
-        keeps the middle whole (or drops lead and header when the middle alone is too long)."""
-        p, m, s = self.encode(prefix), self.encode(middle), self.encode(suffix)
+        keeps the middle whole (or drops lead and header when the middle alone is too long).
+
+        middle[:typed] is the text left of the cursor. It is tokenized apart from the rest, as in
+        a server prompt that ends at the cursor: "    " + "return" becomes the tokens the model
+        meets there, not the " return" token it would see in running text."""
+        p, s = self.encode(prefix), self.encode(suffix)
+        m = self.encode(middle[:typed]) + self.encode(middle[typed:])
         budget = self.context + 1 - 4 - len(m) - len(lead) - len(header)   # 4 = three markers + eos
         if budget < 0:
             lead, header = (), ()
@@ -225,9 +231,11 @@ class SampleMaker:
                 pieces += [self.ids[FILE_SEP], *self.encode(text[:cut])]
         return [*pieces, self.ids[FILE_SEP]]
 
-    def server_layout_cut(self, chunk: str, rng: random.Random) -> tuple[str, str, str]:
-        """Prefix ends at a line start; the middle is that line (its typed start included) plus
-        sometimes a few more lines; the suffix starts where the middle ends."""
+    def server_layout_cut(self, chunk: str, rng: random.Random) -> tuple[str, str, str, int]:
+        """Prefix ends at a line start; the middle is that line plus sometimes a few more lines;
+        the suffix starts where the middle ends. Returns (prefix, middle, suffix, typed) with the
+        cursor `typed` characters into the middle's first line: at its start, after its
+        indentation (where an editor's auto-indent leaves it) or anywhere in it."""
         lines = chunk.splitlines(keepends=True)
         starts = list(accumulate(map(len, lines[:-1]), initial=0))
         candidates = [start for start, line in zip(starts, lines) if line.strip()]
@@ -250,7 +258,12 @@ class SampleMaker:
             tail_from = line.rfind("\n") + 1
             if len(line) - tail_from > 2:
                 end = line_start + rng.randint(tail_from + 1, len(line) - 1)
-        return chunk[:line_start], chunk[line_start:end], chunk[end:]
+        middle = chunk[line_start:end]
+        first_line = middle.split("\n", 1)[0]
+        indent = len(first_line) - len(first_line.lstrip())
+        r = rng.random()
+        typed = 0 if r < 0.15 else indent if r < 0.5 else rng.randint(indent, len(first_line))
+        return chunk[:line_start], middle, chunk[end:], typed
 
     def random_cut(self, chunk: str, rng: random.Random) -> tuple[str, str, str]:
         """Two cut points anywhere (character level) or at line boundaries."""
@@ -264,12 +277,14 @@ class SampleMaker:
     def make(self, source_index: int, chunk: str, rng: random.Random) -> list[int]:
         if rng.random() >= self.fim_rate:
             return self.plain(chunk)
-        cut = self.server_layout_cut if rng.random() < self.server_layout_rate else self.random_cut
-        prefix, middle, suffix = cut(chunk, rng)
+        if rng.random() < self.server_layout_rate:
+            prefix, middle, suffix, typed = self.server_layout_cut(chunk, rng)
+        else:
+            (prefix, middle, suffix), typed = self.random_cut(chunk, rng), 0
         if rng.random() < self.repo_layout_rate:
             header = self.encode(self.sources[source_index][0] + "\n")
-            return self.fim(prefix, middle, suffix, self.repo_lead(source_index, rng), header)
-        return self.fim(prefix, middle, suffix)
+            return self.fim(prefix, middle, suffix, typed, self.repo_lead(source_index, rng), header)
+        return self.fim(prefix, middle, suffix, typed)
 
 
 def batch_tensors(rows: list[list[int]], context: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
