@@ -147,4 +147,6 @@ def install(model, config, choice: AttentionChoice) -> None:
     from stablelm_lsp.models.decoder import sdpa_attention
 
     model.attention = FlashAttention(config) if choice.name == "flash" else sdpa_attention
-    log.info("attention kernel: %s (%s)", choice.name, choice.reason)
+    # Only news on a GPU: on a CPU, SDPA is the one kernel there is.
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    (log.info if on_gpu else log.debug)("attention kernel: %s (%s)", choice.name, choice.reason)
