@@ -56,11 +56,14 @@ async def status(client: LanguageClient) -> dict:
     return await client.workspace_execute_command_async(types.ExecuteCommandParams("stablelm.status"))
 
 
-async def wait_for_state(client: LanguageClient, *states: str) -> dict:
+async def wait_for_state(client: LanguageClient, *states: str, model: str | None = None) -> dict:
+    """Poll stablelm.status until its state is one of `states` (and its model `model`, when
+    given: a reload is asynchronous, so the old model may still report "ready" for a while)."""
     deadline = time.monotonic() + TIMEOUT_S
     while True:
         current = await status(client)
-        if current["state"] in states:
+        if current["state"] in states and (model is None or current["model"] == model
+                                           or current["state"] == "error"):
             return current
         assert time.monotonic() < deadline, f"server still {current} after {TIMEOUT_S}s"
         await asyncio.sleep(0.05)

@@ -311,7 +311,7 @@ async def test_settings_from_initialization_options_and_configuration_changes(
         # Another model: loaded in the background, then used (prefix-only: no FIM tokens needed).
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
             settings={"stablelm": {"model": str(stablelm_checkpoint)}}))
-        current = await wait_for_state(client, "ready", "error")
+        current = await wait_for_state(client, "ready", "error", model=stablelm_checkpoint.name)
         assert current["state"] == "ready" and current["model"] == stablelm_checkpoint.name
         await inline(client, uri, 6, 15)
     finally:
