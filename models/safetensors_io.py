@@ -7,6 +7,7 @@ Pickle checkpoints (pytorch_model.bin) go through torch.load(weights_only=True),
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -121,7 +122,8 @@ class TensorSource:
         f.seek(e.begin)
         direct = dst.dtype == e.dtype and dst.device.type == "cpu" and dst.is_contiguous()
         buf = dst if direct else torch.empty(dst.shape, dtype=e.dtype)
-        view = memoryview(buf.view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        # A writable view of the tensor's own bytes (no numpy needed: torch does not require it)
+        view = (ctypes.c_char * buf.nbytes).from_address(buf.data_ptr()) if buf.nbytes else bytearray()
         if f.readinto(view) != e.end - e.begin:
             raise CheckpointError(f"{e.file}: truncated while reading {name!r}")
         if not direct:
