@@ -4,12 +4,15 @@ Two measurements, with baselines computed in the same run:
 
 1. Held-out perplexity: token-level cross-entropy of the model over every held-out file (plain
    text, windows of the model's context length), reported as perplexity and bits per character.
-2. Single-line infilling: hide one non-empty line of a held-out file, put the cursor after its
-   indentation (where an editor's auto-indent leaves it), build the prompt exactly as the language
-   server does (`lsp.completion.Completer`: prefix, suffix, `<fim_middle>` + the cursor line's
-   text), complete greedily up to the newline and compare with the hidden line, both stripped.
-   Reported raw (the model's first line) and after the server's post-processing. Baselines: the
-   nearest non-empty line above, the one below, and the most frequent line of the training files.
+2. Single-line infilling: hide one non-empty line of a held-out file and build the prompt exactly
+   as the language server does (`lsp.completion.Completer`: prefix, suffix, `<fim_middle>` + the
+   cursor line's text), complete greedily up to the newline and compare with the hidden line,
+   both stripped. Two cursor positions per line: at the line start (after the indentation, where
+   an editor's auto-indent leaves it) and mid-line (the first half of its text typed). Reported
+   raw (the model's first line) and after the server's post-processing, with exact match and
+   difflib similarity. Baselines: the nearest non-empty line above, the one below, and the most
+   frequent line of the training files that starts with the typed text; a baseline line that
+   contradicts the typed text adds nothing to it.
 
 Prints a table to stdout, then one JSON line with every number.
 
@@ -19,6 +22,7 @@ Prints a table to stdout, then one JSON line with every number.
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import difflib
 import json
@@ -34,6 +38,9 @@ import torch
 from train_builtin import collect_sources, split_sources, stdlib_root
 
 
+SETTINGS = ("line start", "mid-line")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -46,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--context-tokens", type=int, default=1536,
                     help="prompt budget (clamped to the model's positions, as in the server)")
+    ap.add_argument("--template", default=None,
+                    help="prompt template, as the server's `template` setting (default: the model's FIM layout)")
     ap.add_argument("--ppl-max-tokens", type=int, default=None,
                     help="stop the perplexity pass after this many tokens (default: all held-out files)")
     ap.add_argument("--time-limit-s", type=float, default=None,
@@ -94,6 +103,25 @@ def nearest_nonempty(lines: list[str], i: int, step: int) -> str:
     return lines[j].strip() if 0 <= j < len(lines) else ""
 
 
+class FrequentLines:
+    """The most frequent training line (stripped) that starts with a given text."""
+
+    def __init__(self, lines):
+        counts = Counter(line for line in lines if line)
+        self.lines = sorted(counts)
+        self.counts = [counts[line] for line in self.lines]
+        self.top = max(self.lines, key=counts.__getitem__, default="")
+
+    def most_common_with_prefix(self, prefix: str) -> str:
+        if not prefix:
+            return self.top
+        lo = bisect.bisect_left(self.lines, prefix)
+        hi = bisect.bisect_left(self.lines, prefix + "\U0010ffff")
+        if lo == hi:
+            return ""
+        return self.lines[max(range(lo, hi), key=self.counts.__getitem__)]
+
+
 def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
@@ -125,14 +153,13 @@ def main(argv=None) -> int:
     ppl_s = time.time() - started
 
     settings = Settings(max_new_tokens=args.max_new_tokens, max_lines=1, temperature=0.0,
-                        context_tokens=args.context_tokens)
+                        context_tokens=args.context_tokens, template=args.template)
     completer = Completer(backend, settings)
-    line_counts = Counter(line.strip() for _, text in train_files for line in text.splitlines() if line.strip())
-    most_frequent = line_counts.most_common(1)[0][0] if line_counts else ""
+    frequent = FrequentLines(line.strip() for _, text in train_files for line in text.splitlines())
 
-    methods = ["model", "model+postprocess", "line above", "line below", f"most frequent ({most_frequent!r})"]
-    exact = Counter()
-    sim = Counter()
+    methods = ["model", "model+postprocess", "line above", "line below", "most frequent training line"]
+    exact = {setting: Counter() for setting in SETTINGS}
+    sim = {setting: Counter() for setting in SETTINGS}
     done = 0
     gen_started = time.time()
     for file_index, line_index in draw_cases(held_files, args.cases, args.seed):
@@ -140,49 +167,60 @@ def main(argv=None) -> int:
             break
         path, text = held_files[file_index]
         lines = text.splitlines(keepends=True)
-        target_line = lines[line_index].rstrip("\r\n")
-        indent = target_line[: len(target_line) - len(target_line.lstrip())]
-        # The document as the editor holds it: the hidden line's indentation typed, cursor after it.
-        document = lines[:line_index] + [indent + "\n"] + lines[line_index + 1:]
-        pending = completer.prepare(document, Cursor(line_index, len(indent)), path=path)
-        # Single-line infilling: stop at the newline whatever the cursor position allows.
-        request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None, time_budget_s=None)
-        result = backend.generate(request)
-        shown = completer.finish(pending, result)
         content = [line.rstrip("\r\n") for line in lines]
-        guesses = [
-            (indent + result.text.split("\n")[0]).strip(),
-            (indent + (shown.text if shown else "")).split("\n")[0].strip(),
-            nearest_nonempty(content, line_index, -1),
-            nearest_nonempty(content, line_index, +1),
-            most_frequent,
-        ]
+        target_line = content[line_index]
         target = target_line.strip()
-        for name, guess in zip(methods, guesses):
-            exact[name] += guess == target
-            sim[name] += similarity(guess, target)
+        indent = target_line[: len(target_line) - len(target_line.lstrip())]
+        for setting in SETTINGS:
+            # What the user has typed of the hidden line: its indentation (where auto-indent leaves
+            # the cursor), or that and the first half of its text.
+            typed = "" if setting == "line start" else target[: len(target) // 2]
+            document = lines[:line_index] + [indent + typed + "\n"] + lines[line_index + 1:]
+            pending = completer.prepare(document, Cursor(line_index, len(indent + typed)), path=path)
+            # Single-line infilling: stop at the newline whatever the cursor position allows.
+            request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None, time_budget_s=None)
+            result = backend.generate(request)
+            shown = completer.finish(pending, result)
+            guesses = [
+                typed + result.text.split("\n")[0],
+                typed + (shown.text.split("\n")[0] if shown else ""),
+                # Baselines propose a whole line; one that contradicts the typed text adds nothing.
+                *(guess if guess.startswith(typed) else typed for guess in (
+                    nearest_nonempty(content, line_index, -1), nearest_nonempty(content, line_index, +1))),
+                frequent.most_common_with_prefix(typed) or typed,
+            ]
+            for name, guess in zip(methods, guesses):
+                exact[setting][name] += guess.strip() == target
+                sim[setting][name] += similarity(guess.strip(), target)
         done += 1
     gen_s = time.time() - gen_started
     backend.close()
+
+    def rate(counter: Counter, name: str) -> float:
+        return counter[name] / max(done, 1)
 
     info = backend.info
     print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}")
     print(f"held-out files: {len(held_files)} of {len(sources)} (by-file split, {args.held_out:.0%})")
     print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
           f"(loss {ppl['loss']:.3f}, {ppl['bits_per_char']:.3f} bits/char), {ppl_s:.0f} s")
-    print(f"single-line infilling, {done} cases from held-out files ({gen_s:.0f} s, "
-          f"{1000 * gen_s / max(done, 1):.0f} ms/case):")
-    print(f"  {'method':<40} {'exact match':>12} {'similarity':>11}")
+    print(f"single-line infilling, {done} hidden lines from held-out files, each with the cursor at the "
+          f"line start (after the indentation) and mid-line (half its text typed); "
+          f"{gen_s:.0f} s, {1000 * gen_s / max(done * len(SETTINGS), 1):.0f} ms/completion")
+    print(f"  {'method':<30}" + "".join(f" {setting + ' exact':>17} {'similarity':>10}" for setting in SETTINGS))
     for name in methods:
-        print(f"  {name:<40} {exact[name] / max(done, 1):>11.1%} {sim[name] / max(done, 1):>11.3f}")
+        print(f"  {name:<30}" + "".join(f" {rate(exact[s], name):>17.1%} {rate(sim[s], name):>10.3f}"
+                                        for s in SETTINGS))
     summary = {
         "model": info.name, "path": info.path, "held_out_files": len(held_files),
         "perplexity": round(ppl["perplexity"], 3), "loss": round(ppl["loss"], 4),
         "bits_per_char": round(ppl["bits_per_char"], 4), "perplexity_tokens": ppl["tokens"],
         "cases": done, "seed": args.seed,
-        "exact_match": {name: round(exact[name] / max(done, 1), 4) for name in methods},
-        "similarity": {name: round(sim[name] / max(done, 1), 4) for name in methods},
-        "ms_per_case": round(1000 * gen_s / max(done, 1), 1),
+        **{setting.replace(" ", "_").replace("-", "_"): {
+            "exact_match": {name: round(rate(exact[setting], name), 4) for name in methods},
+            "similarity": {name: round(rate(sim[setting], name), 4) for name in methods},
+        } for setting in SETTINGS},
+        "ms_per_completion": round(1000 * gen_s / max(done * len(SETTINGS), 1), 1),
     }
     print(json.dumps(summary))
     return 0

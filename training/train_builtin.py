@@ -16,9 +16,16 @@ line, so the middle begins with the cursor line's typed text and continues with 
 line (or a few lines). The rest are plain next-token samples.
 
 Everything random (tokenizer training input order, chunk order, FIM cuts, initialisation) follows
-from --seed: the same seed and arguments give the same checkpoint.
+from --seed: the same seed and arguments give the same checkpoint on the same machine type.
+--init-from continues from a checkpoint (its tokenizer and shape) for a second stage.
 
-    python training/train_builtin.py --out /tmp/builtin --steps 3000
+The shipped model (models/builtin/TRAINING.md has the exact commands and numbers):
+
+    python training/train_builtin.py --out /tmp/builtin_run --seed 1234 --batch-size 12 \
+        --steps 2000 --lr 2e-3 --warmup 100 --eval-every 200 --save-every 200
+    python training/train_builtin.py --init-from /tmp/builtin_run --out /tmp/builtin_stage2 \
+        --seed 4321 --batch-size 12 --steps 600 --lr 1e-3 --warmup 30 --fim-rate 0.9 \
+        --server-layout-rate 0.8 --eval-every 100 --save-every 100
 """
 from __future__ import annotations
 
@@ -328,6 +335,8 @@ def next_token_loss(model, inputs: torch.Tensor, labels: torch.Tensor, reduction
     """Cross-entropy of labels (already the next tokens, -100 where padded) under the logits at
     each input position. Computed here, not by passing labels to the model: transformers' causal
     LM loss shifts labels itself."""
+    device = model.get_input_embeddings().weight.device
+    inputs, labels = inputs.to(device), labels.to(device)
     logits = model(input_ids=inputs).logits                   # [B, T, V]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                              ignore_index=-100, reduction=reduction)
@@ -384,11 +393,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--fim-rate", type=float, default=0.5)
+    ap.add_argument("--server-layout-rate", type=float, default=0.7,
+                    help="share of FIM samples cut in the server's cursor-line layout")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from this checkpoint (its tokenizer and model shape; a second stage)")
     ap.add_argument("--eval-every", type=int, default=250, help="held-out loss every N steps (0: off)")
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--save-every", type=int, default=500, help="write the checkpoint every N steps")
     ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where to train (the shipped model: cpu)")
     return ap.parse_args(argv)
 
 
@@ -409,7 +423,18 @@ def main(argv=None) -> int:
     log.info("data: %d files (%d train, %d held out, %.1f MB train) from %s", len(sources), len(train_src),
              len(held_src), sum(len(t) for _, t in train_src) / 1e6, root)
 
-    tok = train_tokenizer([t for _, t in train_src], args.vocab_size, args.seed)
+    if args.init_from:
+        from tokenizers import Tokenizer
+        from transformers import StableLmForCausalLM
+
+        tok = Tokenizer.from_file(str(args.init_from / "tokenizer.json"))
+        model = StableLmForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        args.context = model.config.max_position_embeddings
+        args.hidden, args.layers = model.config.hidden_size, model.config.num_hidden_layers
+        args.heads = model.config.num_attention_heads
+    else:
+        tok = train_tokenizer([t for _, t in train_src], args.vocab_size, args.seed)
+        model = build_model(tok.get_vocab_size(), args.hidden, args.layers, args.heads, args.context, args.seed)
     vocab = tok.get_vocab_size()
     sample_text = "".join(t for _, t in train_src[:50])[:200_000]
     chars_per_token = len(sample_text) / max(1, len(tok.encode(sample_text).ids))
@@ -418,18 +443,20 @@ def main(argv=None) -> int:
 
     train_chunks = [(i, c) for i, (_, t) in enumerate(train_src) for c in chunk_lines(t, target_chars)]
     held_chunks = [(i, c) for i, (_, t) in enumerate(held_src) for c in chunk_lines(t, target_chars)]
-    maker = SampleMaker(tok, args.context, train_src, fim_rate=args.fim_rate)
-    held_maker = SampleMaker(tok, args.context, held_src, fim_rate=args.fim_rate)
+    maker = SampleMaker(tok, args.context, train_src, fim_rate=args.fim_rate,
+                        server_layout_rate=args.server_layout_rate)
+    held_maker = SampleMaker(tok, args.context, held_src, fim_rate=args.fim_rate,
+                             server_layout_rate=args.server_layout_rate)
     pad_id = maker.ids[FIM_PAD]
     eval_rng = random.Random(args.seed + 1)
     eval_rows = [held_maker.make(i, c, eval_rng)
                  for i, c in eval_rng.sample(held_chunks, min(args.eval_rows, len(held_chunks)))]
 
-    model = build_model(vocab, args.hidden, args.layers, args.heads, args.context, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: hidden %d, %d layers, %d heads, %.2fM parameters; %d steps x %d x %d tokens",
              args.hidden, args.layers, args.heads, n_params / 1e6, args.steps, args.batch_size, args.context)
 
+    model.to(args.device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -479,10 +506,12 @@ def main(argv=None) -> int:
     summary = {
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "context": args.context,
         "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab_size": vocab,
-        "parameters": n_params, "train_files": len(train_src), "held_out_files": len(held_src),
+        "parameters": n_params, "init_from": str(args.init_from) if args.init_from else None,
+        "fim_rate": args.fim_rate, "server_layout_rate": args.server_layout_rate, "train_files": len(train_src), "held_out_files": len(held_src),
         "train_chunks": len(train_chunks), "epochs_started": epoch, "tokens_seen": tokens_seen,
         "final_train_loss": round(smoothed, 4), "wall_s": round(wall, 1), "history": history,
-        "python": sys.version.split()[0], "torch": torch.__version__, "argv": sys.argv[1:] if argv is None else argv,
+        "device": args.device, "python": sys.version.split()[0], "torch": torch.__version__,
+        "argv": sys.argv[1:] if argv is None else argv,
     }
     (args.out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("done in %.0f s: final train loss %.3f -> %s", wall, smoothed, args.out)

@@ -1,0 +1,213 @@
+"""The shipped built-in model (models/builtin/) and the scripts that train and evaluate it."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablelm_lsp.inference.backend import LocalBackend
+from stablelm_lsp.lsp.completion import Completer
+from stablelm_lsp.lsp.documents import Cursor
+from stablelm_lsp.lsp.settings import Settings
+from stablelm_lsp.models import builtin_model_path, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINING = REPO / "training"
+BUILTIN = builtin_model_path()
+FIM_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+              "<file_sep>", "<repo_name>"]
+
+# Documents with an obvious next line: (text before the cursor, pattern the completed cursor line
+# must match). A trained model gets most of them; random weights of the same shape get none.
+OBVIOUS_LINES = [
+    ("class Point:\n    def __init__(self", r"    def __init__\(self[,)].*"),
+    ("if __name__ == ", r"if __name__ == (\"__main__\"|'__main__'):"),
+    ("def main():\n    for i in range(", r"    for i in range\(.*\):"),
+    ("import os\nimport sys\n\n\ndef main(argv):\n    if len(argv) < 2:\n        print(\"usage\")\n"
+     "        return 1\n    with open(argv[1]) as f:\n        for line in f", r"        for line in f.*:"),
+    ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+     "        self.items.", r"        self\.items\.append\(item\)"),
+    ("try:\n    import json\nexcept ImportError", r"except ImportError.*:"),
+]
+
+
+def completed_lines(backend) -> list[str]:
+    """The cursor line after the server's completion pipeline, for each OBVIOUS_LINES document."""
+    completer = Completer(backend, Settings(max_new_tokens=24, max_lines=1))
+    out = []
+    for before, _ in OBVIOUS_LINES:
+        lines = (before + "\n").splitlines(keepends=True)
+        cursor = Cursor(len(lines) - 1, len(lines[-1].rstrip("\n")))
+        shown = completer.complete(lines, cursor, path="example.py")
+        out.append(lines[-1].rstrip("\n") + (shown.text.split("\n")[0] if shown else ""))
+    return out
+
+
+def obvious_hits(backend) -> int:
+    return sum(bool(re.fullmatch(pattern, line))
+               for (_, pattern), line in zip(OBVIOUS_LINES, completed_lines(backend)))
+
+
+@pytest.fixture(scope="module")
+def builtin_backend():
+    backend = LocalBackend.load(BUILTIN, device="cpu", dtype="float32")
+    yield backend
+    backend.close()
+
+
+def test_checkpoint_files_ship_within_30_mb():
+    names = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "TRAINING.md"]
+    for name in names:
+        assert (BUILTIN / name).is_file(), name
+    total = sum(p.stat().st_size for p in BUILTIN.iterdir() if p.is_file())
+    assert total <= 30 * 1024 * 1024, f"{total / 2**20:.1f} MiB"
+    config = json.loads((BUILTIN / "config.json").read_text())
+    assert config["model_type"] == "stablelm"
+
+
+def test_tokenizer_has_fim_tokens():
+    tok = load_model(BUILTIN, device="cpu").tokenizer
+    assert tok.token_to_id("<|endoftext|>") == 0
+    for name in FIM_TOKENS:
+        ids = tok.encode(name, parse_special=True)
+        assert ids == [tok.token_to_id(name)], name
+    assert tok.special.has_fim and tok.special.file_sep == "<file_sep>"
+    stops = {tok.id_to_token(i) for i in tok.stop_ids}
+    assert {"<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<file_sep>"} <= stops
+    text = "def f(x):\n    return x ** 2  # ünïcode\n"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_transformers_and_our_loader_agree():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(BUILTIN)
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.bos_token == "<|endoftext|>"
+    hf = AutoModelForCausalLM.from_pretrained(BUILTIN, dtype=torch.float32).eval()
+    ours = load_model(BUILTIN, device="cpu", dtype="float32")
+    assert ours.config.model_type == "stablelm"
+    prompt = "<fim_prefix>import os\n<fim_suffix>\n<fim_middle>def main("
+    ids = ours.tokenizer.encode(prompt, parse_special=True)
+    assert ids == hf_tok(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits
+    got = ours.model(torch.tensor([ids]))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_builtin_model_completes_obvious_lines(builtin_backend):
+    lines = completed_lines(builtin_backend)
+    hits = [bool(re.fullmatch(p, line)) for (_, p), line in zip(OBVIOUS_LINES, lines)]
+    assert sum(hits) >= len(OBVIOUS_LINES) - 1, list(zip(lines, hits))
+
+
+def test_random_weights_fail_the_obvious_lines(tmp_path):
+    """The completion test above means something: the same architecture and tokenizer with
+    untrained weights completes none of the lines."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BUILTIN / name, tmp_path / name)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(BUILTIN)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    backend = LocalBackend.load(tmp_path, device="cpu", dtype="float32")
+    try:
+        assert obvious_hits(backend) == 0
+    finally:
+        backend.close()
+
+
+def test_training_loss_is_next_token_cross_entropy():
+    """The trainer's loss on pre-shifted labels equals transformers' loss on unshifted ones (a
+    model trained on a double shift learns to predict the token after next)."""
+    sys.path.insert(0, str(TRAINING))
+    try:
+        import train_builtin
+    finally:
+        sys.path.remove(str(TRAINING))
+    model = train_builtin.build_model(vocab_size=300, hidden=32, layers=2, heads=2, context=16, seed=0)
+    rows = [list(range(1, 18)), list(range(40, 50))]          # one full row, one padded
+    inputs, labels = train_builtin.batch_tensors(rows, context=16, pad_id=4)
+    unshifted = torch.full_like(inputs, -100)
+    unshifted[0] = torch.tensor(rows[0][:16])
+    unshifted[1, :10] = torch.tensor(rows[1])
+    # transformers drops the first label of each row; ours scores rows[0][16] in addition.
+    labels[0, -1] = -100
+    expected = model(input_ids=inputs, labels=unshifted).loss
+    torch.testing.assert_close(train_builtin.next_token_loss(model, inputs, labels), expected)
+
+
+def _train_tiny(out: Path, seed: int = 7, *extra: str) -> None:
+    subprocess.run(
+        [sys.executable, str(TRAINING / "train_builtin.py"), "--out", str(out), "--seed", str(seed),
+         "--max-files", "12", "--held-out", "0.3", "--vocab-size", "400", "--hidden", "32",
+         "--layers", "2", "--heads", "2", "--context", "64", "--batch-size", "4", "--steps", "4",
+         "--warmup", "2", "--eval-every", "2", "--eval-rows", "4", "--save-every", "0", *extra],
+        check=True, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_builtin")
+    _train_tiny(out)
+    return out
+
+
+def test_training_script_produces_a_loadable_checkpoint(tiny_trained):
+    summary = json.loads((tiny_trained / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and math.isfinite(summary["final_train_loss"])
+    assert [h["step"] for h in summary["history"]] == [2, 4]
+    loaded = load_model(tiny_trained, device="cpu", dtype="float32")
+    assert loaded.config.model_type == "stablelm" and loaded.config.num_layers == 2
+    assert loaded.tokenizer.special.has_fim
+    logits = loaded.model(torch.tensor([loaded.tokenizer.encode("<fim_prefix>x = 1<fim_suffix>")]))
+    assert logits.shape[-1] == loaded.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_training_is_reproducible(tiny_trained, tmp_path):
+    _train_tiny(tmp_path)
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / name).read_bytes() == (tiny_trained / name).read_bytes(), name
+
+
+def test_second_stage_continues_from_a_checkpoint(tiny_trained, tmp_path):
+    _train_tiny(tmp_path, 8, "--init-from", str(tiny_trained), "--fim-rate", "0.9", "--hidden", "64")
+    assert (tmp_path / "tokenizer.json").read_bytes() == (tiny_trained / "tokenizer.json").read_bytes()
+    first = load_model(tiny_trained, device="cpu", dtype="float32")
+    second = load_model(tmp_path, device="cpu", dtype="float32")
+    assert second.config.hidden_size == 32                  # the checkpoint's shape, not --hidden
+    assert json.loads((tmp_path / "training_summary.json").read_text())["init_from"] == str(tiny_trained)
+    before, after = first.model.state_dict(), second.model.state_dict()
+    assert before.keys() == after.keys()
+    # Trained on from the first stage's weights: 4 AdamW steps at lr <= 2e-3 move each by < 0.01,
+    # far less than a fresh initialisation (std 0.02) would differ.
+    change = max((before[k] - after[k]).abs().max().item() for k in before)
+    assert 0 < change < 0.01
+
+
+def test_evaluate_script_prints_table_and_json(tiny_trained):
+    proc = subprocess.run(
+        [sys.executable, str(TRAINING / "evaluate.py"), "--model", str(tiny_trained), "--max-files", "12",
+         "--held-out", "0.3", "--cases", "6", "--ppl-max-tokens", "300", "--max-new-tokens", "8"],
+        check=True, capture_output=True, text=True, timeout=120)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cases"] == 6 and result["perplexity_tokens"] == 300
+    for setting in ("line_start", "mid_line"):
+        assert set(result[setting]["exact_match"]) >= {"model", "line above", "line below",
+                                                         "most frequent training line"}
+    assert "line start exact" in proc.stdout
+
+
+def test_evaluate_rejects_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAINING / "evaluate.py"), "--model", str(tmp_path / "none"),
+                           "--max-files", "12", "--held-out", "0.3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("evaluate: ") and len(proc.stderr.strip().splitlines()) == 1
