@@ -1,4 +1,4 @@
-"""A small module to try completions on: `stablelm-lsp complete examples/example.py --line 21 --character 8`."""
+"""A small module to try completions on: `stablelm-lsp complete examples/example.py --line 17 --character 19`."""
 import os
 
 
@@ -15,8 +15,7 @@ class Stack:
         self.items = []
 
     def push(self, item):
-        self.items.append(item)
+        self.items.
 
-    def pop(self):
-        """Remove and return the top item."""
-        
+    def __len__(self):
+        return len(self.items)
