@@ -16,6 +16,14 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
     "$venv/bin/python" -c "import torch" || { echo "setup: torch did not install" >&2; exit 1; }
 fi
-pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v -e "^WARNING: Location" -e "BuildBackendWarning" || true
+# setuptools' build warnings are noise here: keep pip's output in a log, show it on failure.
+log=$(mktemp)
+if ! pip install -q --disable-pip-version-check -e ".[dev]" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: installing the project failed" >&2
+    exit 1
+fi
+rm -f "$log"
 "$venv/bin/python" -c "import stablelm_lsp.models, stablelm_lsp.inference, stablelm_lsp.lsp, pygls, transformers" \
     || { echo "setup: the project did not install" >&2; exit 1; }
