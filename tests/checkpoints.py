@@ -15,6 +15,15 @@ from pathlib import Path
 SPECIAL_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
                   "<file_sep>", "<repo_name>"]
 
+
+def starcoder_specials():
+    """The SpecialTokens a tokenizer built here (StarCoder2's special tokens) exposes."""
+    from stablelm_lsp.inference.api import SpecialTokens
+
+    return SpecialTokens(eos="<|endoftext|>", fim_prefix="<fim_prefix>", fim_suffix="<fim_suffix>",
+                         fim_middle="<fim_middle>", fim_pad="<fim_pad>", file_sep="<file_sep>",
+                         repo_name="<repo_name>")
+
 # variant -> (transformers config class name, config fields)
 VARIANTS: dict[str, tuple[str, dict]] = {
     # stablelm-3b-4e1t / stable-code-3b: partial rotary 0.25, no biases, untied

@@ -24,15 +24,13 @@ from lsp_testing import (
     stop_client,
     wait_for_state,
 )
-from stablelm_lsp.inference.api import SpecialTokens
+from checkpoints import starcoder_specials
 from stablelm_lsp.lsp.documents import split_lines
 from stablelm_lsp.lsp.postprocess import postprocess
 from stablelm_lsp.lsp.prompt import build_prompt
 from stablelm_lsp.lsp.settings import Settings
 
-SPECIAL = SpecialTokens(eos="<|endoftext|>", fim_prefix="<fim_prefix>", fim_suffix="<fim_suffix>",
-                        fim_middle="<fim_middle>", fim_pad="<fim_pad>", file_sep="<file_sep>",
-                        repo_name="<repo_name>")
+SPECIAL = starcoder_specials()
 SOURCE = '''import os
 
 

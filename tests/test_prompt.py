@@ -2,6 +2,7 @@
 import pytest
 
 from stablelm_lsp.inference.api import SpecialTokens
+from checkpoints import starcoder_specials
 from stablelm_lsp.lsp.documents import split_lines
 from stablelm_lsp.lsp.prompt import (
     CHUNK_LINES,
@@ -14,9 +15,7 @@ from stablelm_lsp.lsp.prompt import (
     build_prompt,
 )
 
-STARCODER = SpecialTokens(eos="<|endoftext|>", fim_prefix="<fim_prefix>", fim_suffix="<fim_suffix>",
-                          fim_middle="<fim_middle>", fim_pad="<fim_pad>", file_sep="<file_sep>",
-                          repo_name="<repo_name>")
+STARCODER = starcoder_specials()
 FIM_ONLY = SpecialTokens(eos="<|endoftext|>", fim_prefix="<fim_prefix>", fim_suffix="<fim_suffix>",
                          fim_middle="<fim_middle>")
 PLAIN = SpecialTokens(eos="<|endoftext|>")
