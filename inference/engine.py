@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import install, ring_capacity, select_attention
-from .errors import EmptyPrompt, PromptTooLong, TokenOutOfRange
+from .errors import EmptyPrompt, InvalidParameter, PromptTooLong, TokenOutOfRange
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
@@ -85,11 +85,14 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
                  time_budget_s: float | None = None, on_token: TokenCallback | None = None,
-                 key: str | None = None, cancel: threading.Event | None = None) -> EngineResult:
+                 key: str | None = None, cancel: threading.Event | None = None,
+                 first_token_ids: Sequence[int] | None = None) -> EngineResult:
         """Blocking; safe from any thread. Bad input raises a GenerationError subclass before
-        anything is queued."""
+        anything is queued. first_token_ids: the ids the first generated token must be one of
+        (token healing: the tokens that start with the text of a prompt token taken back)."""
         started = time.monotonic()
         tokens = self._check_prompt(prompt_ids)
+        allowed = self._check_allowed(first_token_ids)
         # Positions used: the prompt plus every generated token but the last (never fed back).
         room = self.config.max_positions - len(tokens) + 1
         stops = TokenStops.build(max_new_tokens, stop_ids, time_budget_s)
@@ -99,7 +102,7 @@ class Engine:
         self.prefix_cache.check_fits(needed)
 
         def run(job: Job) -> EngineResult:
-            return self._run(job, tokens, needed, sampling, stops, on_token, started)
+            return self._run(job, tokens, needed, sampling, stops, on_token, started, allowed)
 
         def dropped(reason: str) -> EngineResult:
             return EngineResult([], reason, len(tokens), 0, time.monotonic() - started)
@@ -136,9 +139,25 @@ class Engine:
                                 f"{self.config.max_positions} positions")
         return tokens
 
+    def _check_allowed(self, ids: Sequence[int] | None) -> torch.Tensor | None:
+        if ids is None:
+            return None
+        try:
+            allowed = sorted({operator.index(t) for t in ids})
+        except TypeError:
+            raise TokenOutOfRange("first_token_ids must be integers") from None
+        if not allowed:
+            raise InvalidParameter("first_token_ids is empty: no token could be generated")
+        if allowed[0] < 0 or allowed[-1] >= self.sample_vocab:
+            bad = allowed[0] if allowed[0] < 0 else allowed[-1]
+            raise TokenOutOfRange(f"first_token_ids has id {bad}, outside the vocabulary "
+                                  f"[0, {self.sample_vocab})")
+        return torch.tensor(allowed, device=self.device)
+
     @torch.inference_mode()
     def _run(self, job: Job, tokens: list[int], needed: int, sampling: SamplingParams,
-             stops: TokenStops, on_token: TokenCallback | None, started: float) -> EngineResult:
+             stops: TokenStops, on_token: TokenCallback | None, started: float,
+             allowed: torch.Tensor | None = None) -> EngineResult:
         if not self.prefix_reuse:
             self.prefix_cache.clear()
         slot, reused = self.prefix_cache.acquire(tokens, needed, job.key)
@@ -147,7 +166,7 @@ class Engine:
             logits, result.finish_reason = self._prefill(job, slot, tokens, stops)
             if logits is not None:
                 result.finish_reason = self._decode(job, slot, logits, sampling, stops, on_token,
-                                                    result.token_ids)
+                                                    result.token_ids, allowed)
         finally:
             self.prefix_cache.release(slot)
         result.elapsed_s = time.monotonic() - started
@@ -167,10 +186,11 @@ class Engine:
         return logits, None
 
     def _decode(self, job: Job, slot: Slot, logits: torch.Tensor, sampling: SamplingParams,
-                stops: TokenStops, on_token: TokenCallback | None, generated: list[int]) -> str:
+                stops: TokenStops, on_token: TokenCallback | None, generated: list[int],
+                allowed: torch.Tensor | None = None) -> str:
         sampler = Sampler(sampling, self.device)
         while True:
-            token = sampler(logits[:self.sample_vocab])
+            token = sampler(logits[:self.sample_vocab], allowed if not generated else None)
             generated.append(token)
             if token in stops.stop_ids:
                 return "eos"

@@ -44,8 +44,11 @@ class Sampler:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits: [V] float32 of the last position -> the chosen token id."""
+    def __call__(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """logits: [V] float32 of the last position -> the chosen token id. allowed: ids [N]
+        the choice is limited to (token healing constrains the first token this way)."""
+        if allowed is not None:
+            logits = torch.full_like(logits, float("-inf")).index_copy_(0, allowed, logits[allowed])
         if self.generator is None:
             return int(torch.argmax(logits))
         probs = self.distribution(logits)

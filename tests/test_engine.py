@@ -268,6 +268,23 @@ def test_stop_ids_time_budget_and_position_limit(stablelm):
         assert long.finish_reason == "length" and len(long.token_ids) == 2
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_first_token_constraint_limits_only_the_first_token(stablelm, temperature):
+    ids = random_ids(random.Random(13), 20, stablelm.config.vocab_size)
+    sampling = SamplingParams(temperature=temperature, seed=3)
+    with Engine(stablelm, prefill_chunk=CHUNK) as engine:
+        free = engine.generate(ids, max_new_tokens=6, sampling=sampling)
+        allowed = [t for t in range(7, 60) if t != free.token_ids[0]]
+        constrained = engine.generate(ids, max_new_tokens=6, sampling=sampling, first_token_ids=allowed)
+        assert constrained.token_ids[0] in allowed and len(constrained.token_ids) == 6
+        if temperature == 0.0:
+            # the best of the allowed ids, then the model's own continuation
+            logits = stablelm.model(torch.tensor([ids]))[0, -1]
+            assert constrained.token_ids[0] == allowed[int(torch.argmax(logits[allowed]))]
+            rest = engine.generate(ids + constrained.token_ids[:1], max_new_tokens=5)
+            assert constrained.token_ids[1:] == rest.token_ids
+
+
 def test_bad_input_gives_specific_errors_and_the_engine_stays_usable(stablelm):
     vocab, max_pos = stablelm.config.vocab_size, stablelm.config.max_positions
     with Engine(stablelm, prefill_chunk=CHUNK, budget_tokens=max_pos) as engine:
@@ -279,6 +296,8 @@ def test_bad_input_gives_specific_errors_and_the_engine_stays_usable(stablelm):
             (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=0)),
             (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=-2)),
             (PromptTooLong, dict(prompt_ids=[5] * (max_pos + 1), max_new_tokens=4)),
+            (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=4, first_token_ids=[])),
+            (TokenOutOfRange, dict(prompt_ids=[5, 6], max_new_tokens=4, first_token_ids=[vocab])),
         ]
         for error, kwargs in cases:
             with pytest.raises(error) as info:
