@@ -1,0 +1,106 @@
+"""Draft tokens for speculative decoding, looked up in what the request has already seen.
+
+The engine verifies a draft of k tokens in one forward pass of k + 1 positions (the token just
+sampled plus the draft) and keeps the longest prefix the model agrees with, plus the model's own
+next token: never a different result, only fewer passes when the draft is right. On a GPU, and on
+a CPU for a weight-bound model, a pass of a few positions costs little more than a pass of one.
+
+Drafts come from n-gram lookup (as llama.cpp's lookup decoding and transformers'
+`prompt_lookup_num_tokens` do): the last few tokens of the sequence are looked up
+
+- in the previous sequence of the same document (its prompt and the completion the model gave):
+  after a keystroke that types what was suggested, the rest of the suggestion is the draft, and
+  it is verified in one pass instead of being generated token by token. While the sequence is
+  still a prefix of the previous one, the draft is simply what follows there;
+- in the sequence itself (prompt + generated so far): code repeats identifiers, calls and whole
+  lines, and a model that repeats itself is drafted for free.
+
+The longest matching n-gram wins; among equals, the previous sequence first, then the most recent
+occurrence. A draft that runs into the end of the sequence continues by copying itself, so a
+periodic run ("a, a, a, ") drafts as far as asked.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+MAX_NGRAM = 3           # longest suffix looked up
+MIN_NGRAM = 1
+
+
+class NgramIndex:
+    """For each n-gram (n = MIN_NGRAM..MAX_NGRAM) of a token sequence, where its latest
+    occurrence that is followed by at least one token ends."""
+
+    def __init__(self, tokens: Sequence[int] = ()):
+        self.tokens: list[int] = []
+        self._end: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        seq, ends = self.tokens, self._end
+        for t in tokens:
+            i = len(seq)        # t lands at i: the n-grams ending at i - 1 are followed by it
+            for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+                if i >= n:
+                    ends[tuple(seq[i - n:i])] = i
+            seq.append(t)
+
+    def follow(self, gram: tuple[int, ...]) -> int | None:
+        """Where the tokens after the latest followed occurrence of `gram` start, or None."""
+        return self._end.get(gram)
+
+
+class Drafter:
+    """Drafts for one request: its own sequence plus the previous one of the same document."""
+
+    def __init__(self, prompt: Sequence[int], previous: Sequence[int] | None = None):
+        self.own = NgramIndex(prompt)
+        self.previous = NgramIndex(previous) if previous else None
+        self._pending: list[int] = []   # tokens appended since the last draft (indexed lazily)
+        # While the sequence is a prefix of the previous one (the same request again, or the
+        # user typed part of the suggestion), where it stands in it: the draft is what follows.
+        self._aligned: int | None = None
+        if previous and len(previous) > len(prompt) and list(previous[:len(prompt)]) == list(prompt):
+            self._aligned = len(prompt)
+
+    def append(self, token: int) -> None:
+        self._pending.append(token)
+        if self._aligned is not None:
+            prev = self.previous.tokens
+            if self._aligned < len(prev) and prev[self._aligned] == token:
+                self._aligned += 1
+            else:
+                self._aligned = None
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens likely to follow the sequence (empty when nothing matches)."""
+        if self._pending:
+            # the newest token is the suffix being looked up: index everything before it now,
+            # so the lookup finds earlier occurrences only
+            self.own.extend(self._pending[:-1])
+            self._pending = self._pending[-1:]
+        if k <= 0:
+            return []
+        if self._aligned is not None and self._aligned < len(self.previous.tokens):
+            return self.previous.tokens[self._aligned:self._aligned + k]
+        seq = self.own.tokens + self._pending
+        for n in range(min(MAX_NGRAM, len(seq)), MIN_NGRAM - 1, -1):
+            gram = tuple(seq[-n:])
+            for source in (self.previous, self.own):
+                if source is None:
+                    continue
+                start = source.follow(gram)
+                if start is not None:
+                    if source is self.previous:
+                        return source.tokens[start:start + k]
+                    return _copy_periodic(seq, start, k)
+        return []
+
+
+def _copy_periodic(seq: list[int], start: int, k: int) -> list[int]:
+    """seq[start:start + k]; past the end of seq, the run seq[start:] repeats itself."""
+    out = seq[start:start + k]
+    period = len(seq) - start
+    while len(out) < k:
+        out.append(out[-period])
+    return out
