@@ -4,6 +4,11 @@ lsp/ never touches token ids, tensors or models: it builds prompt *text* and han
 `GenerationRequest` to a `Backend`. The in-process engine implements it (`LocalBackend`,
 inference/backend.py); a remote OpenAI-compatible server (vLLM, TGI) can implement the same
 interface later, which is why everything here is text, not token ids.
+
+A prompt built from documents is a sequence of `PromptPart`s: the prompt format's own text (FIM
+markers, file separators, chat role markers, BOS) is special, everything that came from documents,
+messages or file paths is plain, so that a file quoting `<|endoftext|>` cannot end the prompt. A
+remote backend can send such a prompt pre-tokenized, or refuse content holding special-token text.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import abc
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 
 class GenerationError(ValueError):
@@ -50,9 +55,48 @@ class ModelInfo:
     dtype: str = "float32"
 
 
+@dataclass(frozen=True)
+class PromptPart:
+    """A piece of a prompt. special=True: the prompt format's own text, where special-token text
+    (`<fim_middle>`, `<|user|>`) becomes the special token. special=False: content (documents,
+    messages, paths), encoded as ordinary text whatever it contains."""
+
+    text: str
+    special: bool = False
+
+
+def join_parts(parts: Sequence[PromptPart]) -> tuple[PromptPart, ...]:
+    """`parts` without empty ones, neighbours of the same kind joined into one."""
+    joined: list[PromptPart] = []
+    for part in parts:
+        if not part.text:
+            continue
+        if joined and joined[-1].special == part.special:
+            joined[-1] = PromptPart(joined[-1].text + part.text, part.special)
+        else:
+            joined.append(part)
+    return tuple(joined)
+
+
+def prompt_text(parts: Sequence[PromptPart]) -> str:
+    return "".join(part.text for part in parts)
+
+
+# Counts the tokens of prompt parts: `Backend.count_tokens`, or a cache in front of it.
+CountTokens = Callable[[Sequence[PromptPart]], int]
+
+
+def text_counter(count_tokens: CountTokens) -> Callable[[str], int]:
+    """Tokens of document or message text (a plain part), from a counter of parts."""
+    return lambda text: count_tokens((PromptPart(text),)) if text else 0
+
+
 @dataclass
 class GenerationRequest:
-    prompt: str                     # full prompt text; special-token strings are parsed as specials
+    # The prompt: either `prompt`, whole text whose special-token strings are parsed as specials
+    # (for callers that write prompts by hand), or `prompt_parts` (prompts built from documents).
+    prompt: str = ""
+    prompt_parts: tuple[PromptPart, ...] | None = None
     max_new_tokens: int = 64
     temperature: float = 0.0        # 0 = greedy
     top_k: int = 0
@@ -63,6 +107,16 @@ class GenerationRequest:
     max_lines: int | None = None    # stop after this many newline-terminated lines
     time_budget_s: float | None = None
     key: str | None = None          # scheduling key (document URI): newer supersedes older
+    # When the prompt ends with plain text, take its last token back and let the first generated
+    # token be any token that extends it (a partly typed word is completed as the model would
+    # have tokenized the whole word). The returned text still starts where the prompt ends.
+    token_healing: bool = False
+
+    def parts(self) -> tuple[PromptPart, ...]:
+        """The prompt as parts: `prompt_parts`, or `prompt` as one special part."""
+        if self.prompt_parts is not None:
+            return tuple(self.prompt_parts)
+        return (PromptPart(self.prompt, special=True),)
 
 
 @dataclass
@@ -83,8 +137,10 @@ class Backend(abc.ABC):
     def info(self) -> ModelInfo: ...
 
     @abc.abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Tokens `text` takes inside a prompt (specials parsed); used for prompt budgets."""
+    def count_tokens(self, prompt: str | Sequence[PromptPart]) -> int:
+        """Tokens `prompt` takes inside a prompt, encoded as `generate` encodes it: a str like
+        `GenerationRequest.prompt` (specials parsed), parts like `prompt_parts`. What the
+        tokenizer adds around a whole prompt (a BOS token) is not counted. For prompt budgets."""
 
     @abc.abstractmethod
     def generate(

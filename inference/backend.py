@@ -1,17 +1,24 @@
 """`LocalBackend`: the in-process model behind the text-level `Backend` interface (api.py).
 
-The only place in inference/ that sees text: it tokenizes the prompt, turns generated token ids
-into streamed text deltas (never splitting a character, never showing part of a stop string) and
-leaves everything on token ids to the `Engine`.
+The only place in inference/ that sees text: it tokenizes the prompt (special-token text parsed
+only in the prompt format's own parts), turns generated token ids into streamed text deltas (never
+splitting a character, never showing part of a stop string) and leaves everything on token ids to
+the `Engine`.
+
+Token healing (`GenerationRequest.token_healing`): a prompt ending where the user's cursor is
+often ends inside a word, and its last token is one the model rarely saw there (`fina` rather
+than `finally`). The last token is taken back and the first generated token is limited to the
+tokens whose bytes start with its bytes; those bytes are cut from the generated text before
+anything is streamed, stop-matched or returned, so the text still starts at the end of the prompt.
 """
 from __future__ import annotations
 
 import os
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from .api import Backend, GenerationRequest, GenerationResult, ModelInfo
+from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart, join_parts
 from .engine import Engine
 from .errors import EmptyPrompt, InvalidParameter
 from .sampling import SamplingParams
@@ -57,22 +64,26 @@ class LocalBackend(Backend):
     def info(self) -> ModelInfo:
         return self._info
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, parse_special=True))
+    def count_tokens(self, prompt: str | Sequence[PromptPart]) -> int:
+        if isinstance(prompt, str):
+            return len(self.tokenizer.encode(prompt, parse_special=True))
+        return len(self.tokenizer.encode_parts(prompt))
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
                  on_delta: Callable[[str], None] | None = None) -> GenerationResult:
-        if not isinstance(request.prompt, str):
-            raise InvalidParameter(f"the prompt must be text, got {type(request.prompt).__name__}")
-        if not request.prompt:
-            raise EmptyPrompt("the prompt is empty")
+        parts = _checked_parts(request)
         if isinstance(request.stop, str):
             raise InvalidParameter("stop must be a sequence of strings, not one string")
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
         text_stops = TextStops(request.stop, request.max_lines)
         # The checkpoint's own conventions (a BOS token, for Persimmon) come with the prompt.
-        prompt_ids = self.tokenizer.encode(request.prompt, parse_special=True, add_special_tokens=True)
-        decoder = Utf8StreamDecoder(self.tokenizer.decode_bytes)
+        prompt_ids = self.tokenizer.encode_parts(parts, add_special_tokens=True)
+        max_new_tokens, first_token_ids, healed = request.max_new_tokens, None, b""
+        if request.token_healing and not parts[-1].special:
+            prompt_ids, first_token_ids, healed = self._heal(prompt_ids)
+            # The regenerated token is not new text: it does not count against the limit.
+            max_new_tokens += bool(healed)
+        decoder = Utf8StreamDecoder(self._generated_bytes(healed))
         pieces: list[str] = []
 
         def emit(text: str) -> None:
@@ -87,9 +98,10 @@ class LocalBackend(Backend):
             return reason
 
         result = self.engine.generate(
-            prompt_ids, max_new_tokens=request.max_new_tokens, sampling=sampling,
+            prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
             stop_ids=self.tokenizer.stop_ids if request.use_model_stops else (),
-            time_budget_s=request.time_budget_s, on_token=on_token, key=request.key, cancel=cancel)
+            time_budget_s=request.time_budget_s, on_token=on_token, key=request.key, cancel=cancel,
+            first_token_ids=first_token_ids)
         reason = result.finish_reason
         if reason not in ("stop", "max_lines"):
             # Generation ended for another reason: what was held back (an incomplete character,
@@ -105,5 +117,52 @@ class LocalBackend(Backend):
             prompt_tokens=result.prompt_tokens, reused_tokens=result.reused_tokens,
             elapsed_s=result.elapsed_s)
 
+    def _heal(self, prompt_ids: list[int]) -> tuple[list[int], list[int] | None, bytes]:
+        """(prompt ids, first_token_ids, bytes taken back): the last token taken back when some
+        other ordinary token extends its bytes, else the prompt unchanged."""
+        last = prompt_ids[-1]
+        if len(prompt_ids) < 2 or self.tokenizer.is_added(last):
+            return prompt_ids, None, b""
+        taken = self.tokenizer.token_bytes[last]
+        # Ids past the model's output rows (a tokenizer larger than the checkpoint) are never sampled.
+        extensions = [i for i in self.tokenizer.ids_starting_with(taken) if i < self.engine.sample_vocab]
+        if extensions == [last]:
+            return prompt_ids, None, b""
+        return prompt_ids[:-1], extensions, taken
+
+    def _generated_bytes(self, healed: bytes) -> Callable[[list[int]], bytes]:
+        """Token ids -> bytes for the stream decoder, without the `healed` bytes the first
+        generated token starts with."""
+        decode_bytes = self.tokenizer.decode_bytes
+        if not healed:
+            return decode_bytes
+        skip = len(healed)
+
+        def generated_bytes(ids: list[int]) -> bytes:
+            nonlocal skip
+            data = decode_bytes(ids)
+            if skip:
+                data, skip = data[skip:], max(skip - len(data), 0)
+            return data
+
+        return generated_bytes
+
     def close(self) -> None:
         self.engine.close()
+
+
+def _checked_parts(request: GenerationRequest) -> tuple[PromptPart, ...]:
+    """The request's prompt as non-empty joined parts; a GenerationError when there is none or
+    it is malformed."""
+    if request.prompt_parts is not None:
+        if request.prompt:
+            raise InvalidParameter("give the prompt as prompt or as prompt_parts, not both")
+        if isinstance(request.prompt_parts, (str, bytes)) or not all(
+                isinstance(p, PromptPart) and isinstance(p.text, str) for p in request.prompt_parts):
+            raise InvalidParameter("prompt_parts must be a sequence of PromptPart")
+    elif not isinstance(request.prompt, str):
+        raise InvalidParameter(f"the prompt must be text, got {type(request.prompt).__name__}")
+    parts = join_parts(request.parts())
+    if not parts:
+        raise EmptyPrompt("the prompt is empty")
+    return parts

@@ -8,6 +8,11 @@ and the tokenizer's `bos_token`/`eos_token` as variables. Without a template the
 
     <|system|>\\n{system}<|endoftext|>\\n<|user|>\\n{question}<|endoftext|>\\n<|assistant|>\\n
 
+The prompt is returned as parts (api.PromptPart): what the template writes is special, the
+messages' contents are plain, so a message quoting `<|endoftext|>` or `<|user|>` stays text.
+`ChatTemplate.render_parts` finds the contents by rendering once more with a sentinel in place of
+each one, and checks that the parts join to exactly the text the template renders.
+
 Editor context (the current file and the selected code) goes into the last user message, within a
 token budget. When the whole conversation does not fit, the oldest turns go first; the system
 message and the last user message are always kept. Follow-up turns render their history exactly as
@@ -17,13 +22,15 @@ prompt and reply of turn N and the engine reuses that part of its KV cache.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
-from .api import GenerationError, GenerationRequest, ModelInfo
+from .api import (CountTokens, GenerationError, GenerationRequest, ModelInfo, PromptPart, join_parts,
+                  prompt_text, text_counter)
 
 ROLES = ("system", "user", "assistant")
 
@@ -54,6 +61,9 @@ CONTEXT_SHARE = 0.5                 # at most this share of the prompt budget fo
 MIN_FILE_TOKENS = 32                # a smaller remainder of the context budget shows no file excerpt
 FENCE_TOKENS = 8                    # a code block's fences, language tag and blank line
 HISTORY_SLACK = 0.25                # a cut leaves this share of the budget free for later turns
+# Characters that bracket the sentinels standing for message contents: Unicode noncharacters,
+# the first pair found in neither the template nor the messages is used.
+_SENTINEL_MARKS = [(chr(c), chr(c + 1)) for c in range(0xFDD0, 0xFDF0, 2)]
 
 
 class ChatFormatError(GenerationError):
@@ -84,12 +94,16 @@ class EditorContext:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    text: str                       # the rendered prompt, generation prompt included
+    parts: tuple[PromptPart, ...]   # the rendered prompt, generation prompt included
     tokens: int                     # its token count
     conversation: tuple[ChatMessage, ...]  # every message, context folded into the last one
     first_kept: int                 # index in `conversation` of the first message after the
                                     # system message that made it into the prompt
     context_tokens: int = 0         # tokens of editor context in the last message
+
+    @property
+    def text(self) -> str:
+        return prompt_text(self.parts)
 
 
 def parse_messages(raw: Any) -> list[ChatMessage]:
@@ -153,13 +167,72 @@ class ChatTemplate:
         return ZEPHYR_STOPS if self.source == ZEPHYR_TEMPLATE else ()
 
     def render(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+        return self._render([m.content for m in messages], messages, add_generation_prompt)
+
+    def render_parts(self, messages: Sequence[ChatMessage],
+                     add_generation_prompt: bool = True) -> tuple[PromptPart, ...]:
+        """`render`'s text as parts: the messages' contents plain, the rest special.
+
+        The template is rendered a second time with a sentinel for each content; the text
+        between sentinels is the template's own. A content may come out as it is, stripped
+        (`| trim`) or JSON-escaped (`| tojson`); the parts must join to exactly `render`'s text.
+        A template that treats the sentinels otherwise (branches on a content, cuts it) makes
+        that check fail: the whole prompt is then one special part, as transformers encodes it.
+        """
+        text = self.render(messages, add_generation_prompt)
+        contents = [m.content for m in messages]
+        seen = self.source + "".join(contents)
+        marks = next(((a, b) for a, b in _SENTINEL_MARKS if a not in seen and b not in seen), None)
+        if marks is not None:
+            open_mark, close_mark = marks
+            sentinels = [f"{open_mark}{i}{close_mark}" for i in range(len(messages))]
+            pieces = re.split(f"{open_mark}([0-9]+){close_mark}",
+                              self._render(sentinels, messages, add_generation_prompt))
+            parts = _match_contents(text, pieces, contents)
+            if parts is not None:
+                return parts
+        return (PromptPart(text, special=True),)
+
+    def _render(self, contents: Sequence[str], messages: Sequence[ChatMessage],
+                add_generation_prompt: bool) -> str:
         try:
             return self._compiled.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[{"role": m.role, "content": c} for m, c in zip(messages, contents)],
                 tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                 **self._variables)
         except Exception as exc:   # raise_exception() in the template, undefined names, sandbox
             raise ChatFormatError(f"the chat template refused the conversation: {exc}") from None
+
+
+def _match_contents(text: str, pieces: list[str], contents: Sequence[str]
+                    ) -> tuple[PromptPart, ...] | None:
+    """Parts of `text` from a sentinel rendering split into [template text, content index,
+    template text, ...]; None when they cannot make up `text` exactly."""
+    parts: list[PromptPart] = []
+    at = 0
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:      # the template's own text
+            if not text.startswith(piece, at):
+                return None
+            parts.append(PromptPart(piece, special=True))
+            at += len(piece)
+            continue
+        content = contents[int(piece)]
+        following = pieces[i + 1]
+        for shown in (content, content.strip(), _json_inner(content), _json_inner(content.strip())):
+            if text.startswith(shown, at) and text.startswith(following, at + len(shown)):
+                parts.append(PromptPart(shown))
+                at += len(shown)
+                break
+        else:
+            return None
+    return join_parts(parts) if at == len(text) else None
+
+
+def _json_inner(text: str) -> str:
+    """`text` as the chat templates' tojson writes it, without the quotes (which enclose the
+    sentinel too, so they are template text)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
 @lru_cache(maxsize=8)
@@ -230,7 +303,7 @@ def _compile(source: str):
 
 
 def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
-                 count_tokens: Callable[[str], int], context: EditorContext | None = None,
+                 count_tokens: CountTokens, context: EditorContext | None = None,
                  keep_from: int = 0, max_new_tokens: int = CHAT_MAX_NEW_TOKENS,
                  temperature: float = 0.0, key: str | None = None
                  ) -> tuple[ChatPrompt, GenerationRequest]:
@@ -242,18 +315,21 @@ def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
     prompt = build_chat_prompt(messages, template, count_tokens=count_tokens,
                                budget=info.max_positions - reserve, context=context,
                                keep_from=keep_from)
-    request = GenerationRequest(prompt=prompt.text, max_new_tokens=max_new_tokens,
-                                temperature=temperature, stop=template.stop_texts, key=key)
+    # No token healing: the prompt ends with the template's generation prompt, not user text.
+    request = GenerationRequest(prompt_parts=prompt.parts, max_new_tokens=max_new_tokens,
+                                temperature=temperature, stop=template.stop_texts, key=key,
+                                token_healing=False)
     return prompt, request
 
 
 def build_chat_prompt(messages: Sequence[ChatMessage], template: ChatTemplate, *,
-                      count_tokens: Callable[[str], int], budget: int,
+                      count_tokens: CountTokens, budget: int,
                       context: EditorContext | None = None, keep_from: int = 0) -> ChatPrompt:
     """The prompt for answering `messages[-1]` within `budget` tokens.
 
     keep_from: index of the first message after the system message to consider (an earlier
     turn's `first_kept`): history dropped once stays dropped, so the prompt's start holds still.
+    count_tokens counts prompt parts.
     """
     system = list(messages[:1]) if messages[0].role == "system" else []
     last = messages[-1]
@@ -261,8 +337,9 @@ def build_chat_prompt(messages: Sequence[ChatMessage], template: ChatTemplate, *
 
     def tokens_with(last_message: ChatMessage, start: int) -> int:
         kept = system + list(messages[start:-1]) + [last_message]
-        return count_tokens(template.render(kept))
+        return count_tokens(template.render_parts(kept))
 
+    count_text = text_counter(count_tokens)
     base = tokens_with(last, len(messages) - 1)
     if base > budget:
         raise MessageTooLong(f"the last message needs {base} tokens in the prompt; the chat model "
@@ -272,7 +349,7 @@ def build_chat_prompt(messages: Sequence[ChatMessage], template: ChatTemplate, *
         room = min(budget - base, int(budget * CONTEXT_SHARE))
         # Joining context and question can merge a token or two across the seam: shrink and retry.
         while room > 0:
-            block = render_context(context, room, count_tokens)
+            block = render_context(context, room, count_text)
             with_context = replace(last, content=block + last.content)
             total = tokens_with(with_context, len(messages) - 1)
             if total <= budget:
@@ -296,13 +373,14 @@ def build_chat_prompt(messages: Sequence[ChatMessage], template: ChatTemplate, *
             else:
                 lo = mid + 1
         first_kept = cuts[lo]
-    text = template.render(system + list(conversation[first_kept:]))
-    return ChatPrompt(text, count_tokens(text), conversation, first_kept, context_tokens)
+    parts = template.render_parts(system + list(conversation[first_kept:]))
+    return ChatPrompt(parts, count_tokens(parts), conversation, first_kept, context_tokens)
 
 
 def render_context(context: EditorContext, budget: int, count_tokens: Callable[[str], int]) -> str:
     """The context block put before the question: the file around the selection (or cursor),
-    then the selection itself, as much as `budget` allows ("" when nothing fits)."""
+    then the selection itself, as much as `budget` allows ("" when nothing fits).
+    count_tokens counts message text (plain)."""
     selection_block = ""
     selection = context.selection.splitlines(keepends=True) if context.selection.strip() else []
     if selection:

@@ -55,13 +55,15 @@ class Completer:
         multiline = is_multiline_position(prompt.line_after)
         settings = self.settings
         request = GenerationRequest(
-            prompt=prompt.text,
+            prompt_parts=prompt.parts,
             max_new_tokens=settings.max_new_tokens,
             temperature=settings.temperature,
             stop=() if multiline else ("\n",),
             max_lines=settings.max_lines if multiline else None,
             time_budget_s=settings.timeout_ms / 1000,
             key=key,
+            # The prompt ends at the cursor, often inside a word: let the model choose its token.
+            token_healing=True,
         )
         return PendingCompletion(prompt, request)
 

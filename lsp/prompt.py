@@ -1,5 +1,9 @@
 """Completion prompts: pure functions of document text, special-token text and a token counter.
 
+A prompt is a sequence of `PromptPart`s: the template's own text and special tokens are special,
+document text, paths and the repository name are plain, so special-token text in a document
+(this project's own sources quote `<fim_middle>`) reaches the model as ordinary text.
+
 The layout keeps the engine's KV cache valid while the user types:
 
     [context: other open files, stable]  [prefix: lines before the cursor line]
@@ -16,7 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from stablelm_lsp.inference.api import SpecialTokens
+from stablelm_lsp.inference.api import (CountTokens, PromptPart, SpecialTokens, join_parts,
+                                        prompt_text, text_counter)
 
 from .documents import line_content
 
@@ -43,26 +48,26 @@ class TemplateError(ValueError):
 
 
 class TokenCounter:
-    """Token counts of prompt pieces, cached by text: the same lines are counted on every keystroke."""
+    """Token counts of prompt pieces, cached: the same lines are counted on every keystroke."""
 
-    def __init__(self, count: Callable[[str], int], max_entries: int = 1 << 16):
+    def __init__(self, count: CountTokens, max_entries: int = 1 << 16):
         self._count = count
-        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._cache: OrderedDict[tuple[PromptPart, ...], int] = OrderedDict()
         self._max_entries = max_entries
 
-    def __call__(self, text: str) -> int:
-        if not text:
+    def __call__(self, parts: Sequence[PromptPart]) -> int:
+        key = join_parts(parts)
+        if not key:
             return 0
-        cached = self._cache.get(text)
+        cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(text)
+            self._cache.move_to_end(key)
             return cached
-        tokens = self._count(text)
-        self._cache[text] = tokens
+        tokens = self._count(key)
+        self._cache[key] = tokens
         if len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
         return tokens
-
 
 class PromptTemplate:
     """A prompt layout with `{field}` placeholders (`{{`/`}}` for literal braces).
@@ -93,18 +98,29 @@ class PromptTemplate:
                 raise TemplateError(f"prompt template: needs a {{{required}}} field")
         self.source = source
         self.fields = frozenset(fields)
+        self._pieces = [(literal, name) for literal, name, _, _ in parsed]
 
     def missing_specials(self, special: SpecialTokens) -> list[str]:
         return [f for f in _SPECIAL_FIELDS if f in self.fields and getattr(special, f) is None]
 
-    def render(self, special: SpecialTokens, **text: str) -> str:
+    def render(self, special: SpecialTokens,
+               **text: str | Sequence[PromptPart]) -> tuple[PromptPart, ...]:
+        """The template's literal text and special tokens as special parts, the text fields
+        (missing ones empty) as plain parts; a field given as parts (the context) is inserted
+        as they are."""
         missing = self.missing_specials(special)
         if missing:
             raise TemplateError(f"prompt template uses {', '.join(missing)}, which this model's "
                                 "tokenizer does not have")
-        values = {f: getattr(special, f) or "" for f in _SPECIAL_FIELDS}
-        values.update(text)
-        return self.source.format_map(values)
+        parts: list[PromptPart] = []
+        for literal, name in self._pieces:
+            parts.append(PromptPart(literal, special=True))
+            if name in _SPECIAL_FIELDS:
+                parts.append(PromptPart(getattr(special, name), special=True))
+            elif name is not None:
+                value = text.get(name, "")
+                parts.extend([PromptPart(value)] if isinstance(value, str) else value)
+        return join_parts(parts)
 
 
 def default_template(special: SpecialTokens) -> PromptTemplate:
@@ -126,7 +142,7 @@ class ContextFile:
 
 @dataclass(frozen=True)
 class Prompt:
-    text: str
+    parts: tuple[PromptPart, ...]
     line_before: str           # the cursor line up to the cursor (all of it)
     line_after: str            # the cursor line after the cursor, without terminator
     next_lines: tuple[str, ...]  # contents of the lines after the cursor line
@@ -135,6 +151,10 @@ class Prompt:
     middle_start: int          # index in the cursor line where the prompt's copy of it starts
     context_paths: tuple[str, ...]
     tokens: int                # estimate: the sum of the pieces' counts
+
+    @property
+    def text(self) -> str:
+        return prompt_text(self.parts)
 
 
 def _take_backwards(lines: Sequence[str], end: int, budget: int, count: Callable[[str], int],
@@ -202,7 +222,7 @@ def build_prompt(
     index: int,
     *,
     special: SpecialTokens,
-    count_tokens: Callable[[str], int],
+    count_tokens: CountTokens,
     context_tokens: int,
     path: str = "",
     repo: str = "",
@@ -212,8 +232,8 @@ def build_prompt(
     """The prompt for a cursor at string index `index` of line `line` of `lines`.
 
     `context_files` are ordered least to most relevant; the most relevant end up nearest the
-    current file. `count_tokens` should be a `TokenCounter`: the same lines are counted again on
-    every keystroke.
+    current file. `count_tokens` counts prompt parts; it should be a `TokenCounter`: the same
+    lines are counted again on every keystroke.
     """
     template = template or default_template(special)
     cursor_line = lines[line]
@@ -222,16 +242,15 @@ def build_prompt(
     terminator = cursor_line[len(content):]
     uses_suffix = "suffix" in template.fields
 
-    def fixed_text(**overrides: str) -> str:
-        fields = dict.fromkeys(_TEXT_FIELDS, "")
-        fields.update(path=path, repo=repo, **overrides)
-        return template.render(special, **fields)
+    def render(**fields: str | Sequence[PromptPart]) -> tuple[PromptPart, ...]:
+        return template.render(special, path=path, repo=repo, **fields)
 
-    overhead = count_tokens(fixed_text())
+    count_text = text_counter(count_tokens)
+    overhead = count_tokens(render())
     budget = max(context_tokens - overhead, 0)
     middle_reserve = int(budget * MIDDLE_SHARE)
 
-    context, context_paths, context_used = "", (), 0
+    context, context_paths, context_used = (), (), 0
     if "context" in template.fields and special.file_sep:
         context, context_paths, context_used = _render_context(
             context_files, int(budget * CONTEXT_SHARE), special, repo, count_tokens)
@@ -240,27 +259,27 @@ def build_prompt(
     # before the prefix is cut, whatever the prefix leaves over goes to it afterwards.
     suffix_lines = [line_after + terminator, *lines[line + 1:]] if uses_suffix else []
     suffix_share = int(budget * SUFFIX_SHARE)
-    _, suffix_reserved = _take_forwards(suffix_lines, 0, suffix_share, count_tokens)
+    _, suffix_reserved = _take_forwards(suffix_lines, 0, suffix_share, count_text)
 
     prefix_budget = max(budget - context_used - middle_reserve - suffix_reserved, 0)
-    prefix_start, prefix_used = _take_backwards(lines, line, prefix_budget, count_tokens,
+    prefix_start, prefix_used = _take_backwards(lines, line, prefix_budget, count_text,
                                                 CHUNK_LINES)
 
     suffix_budget = max(budget - context_used - middle_reserve - prefix_used, 0)
-    suffix_count, suffix_used = _take_forwards(suffix_lines, 0, suffix_budget, count_tokens)
+    suffix_count, suffix_used = _take_forwards(suffix_lines, 0, suffix_budget, count_text)
 
     middle_budget = max(budget - context_used - prefix_used - suffix_used, 0)
-    middle_start = _cut_middle(line_before, middle_budget, count_tokens)
+    middle_start = _cut_middle(line_before, middle_budget, count_text)
     middle = line_before[middle_start:]
 
-    text = fixed_text(
+    parts = render(
         context=context,
         prefix="".join(lines[prefix_start:line]),
         suffix="".join(suffix_lines[:suffix_count]),
         middle=middle,
     )
     return Prompt(
-        text=text,
+        parts=parts,
         line_before=line_before,
         line_after=line_after,
         next_lines=tuple(line_content(x) for x in lines[line + 1:line + 1 + NEXT_LINES]),
@@ -268,26 +287,29 @@ def build_prompt(
         suffix_end=line + max(suffix_count, 1),
         middle_start=middle_start,
         context_paths=context_paths,
-        tokens=overhead + context_used + prefix_used + suffix_used + count_tokens(middle),
+        tokens=overhead + context_used + prefix_used + suffix_used + count_text(middle),
     )
 
 
 def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialTokens, repo: str,
-                    count: Callable[[str], int]) -> tuple[str, tuple[str, ...], int]:
+                    count_tokens: CountTokens) -> tuple[tuple[PromptPart, ...], tuple[str, ...], int]:
     """`<repo_name>repo<file_sep>path\\ncode...` for as many files (their heads, cut at chunk
-    boundaries) as `budget` holds, the most relevant (last) first."""
-    head = special.repo_name + repo if special.repo_name and repo else ""
-    used = count(head)
-    pieces: list[tuple[str, str]] = []
+    boundaries) as `budget` holds, the most relevant (last) first -> (parts, paths, tokens)."""
+    head = (PromptPart(special.repo_name, special=True), PromptPart(repo)) \
+        if special.repo_name and repo else ()
+    used = count_tokens(head)
+    count_text = text_counter(count_tokens)
+    pieces: list[tuple[str, tuple[PromptPart, ...]]] = []
     for file in reversed(files):
-        header = f"{special.file_sep}{file.path}\n"
-        header_cost = count(header)
+        header = (PromptPart(special.file_sep, special=True), PromptPart(f"{file.path}\n"))
+        header_cost = count_tokens(header)
         if used + header_cost >= budget:
             break
-        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count, CHUNK_LINES)
+        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count_text, CHUNK_LINES)
         if end == 0:
             continue
-        pieces.append((file.path, header + "".join(file.lines[:end])))
+        pieces.append((file.path, header + (PromptPart("".join(file.lines[:end])),)))
         used += header_cost + cost
     pieces.reverse()
-    return head + "".join(text for _, text in pieces), tuple(p for p, _ in pieces), used
+    parts = join_parts(head + tuple(part for _, file_parts in pieces for part in file_parts))
+    return parts, tuple(p for p, _ in pieces), used

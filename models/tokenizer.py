@@ -1,18 +1,23 @@
 """A checkpoint's tokenizer: tokenizer.json through `tokenizers`, specials from tokenizer_config.json.
 
 Besides encode/decode it offers the raw bytes of every token, so generation can stream text
-without ever splitting a multi-byte character.
+without ever splitting a multi-byte character, and the tokens extending a given token's bytes
+(token healing). Prompts made of parts are encoded so that special-token text counts only in the
+prompt format's own parts (`encode_parts`).
 """
 from __future__ import annotations
 
+import bisect
 import json
+import re
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
+from tokenizers import Encoding as _HFEncoding
 from tokenizers import Tokenizer as _HFTokenizer
 
-from stablelm_lsp.inference.api import SpecialTokens
+from stablelm_lsp.inference.api import PromptPart, SpecialTokens, join_parts
 
 from .errors import CheckpointError
 
@@ -83,8 +88,9 @@ class Tokenizer:
             stops.add(endoftext)
         self.stop_ids: frozenset[int] = frozenset(stops)
         self.chat_template = chat_template
-        self.added_special: dict[str, int] = {
-            t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        added = tok.get_added_tokens_decoder()
+        self.added_special: dict[str, int] = {t.content: i for i, t in added.items() if t.special}
+        self._added_ids = frozenset(added)
 
     @classmethod
     def from_folder(cls, path: Path, cfg: "ModelConfig | None" = None) -> "Tokenizer":
@@ -123,6 +129,48 @@ class Tokenizer:
         tok = self._tok if parse_special else self._plain
         return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_parts(self, parts: Sequence[PromptPart], add_special_tokens: bool = False) -> list[int]:
+        """Token ids of a prompt made of parts: special-token text becomes special tokens in the
+        special parts only; in plain parts it is ordinary text.
+
+        The parts are joined and encoded in one piece, giving exactly the ids of the joined
+        text, unless special-token text lies in (or across the edge of) a plain part. Such a
+        part is then encoded on its own as plain text, the text around it on its own."""
+        parts = join_parts(parts)
+        text = "".join(part.text for part in parts)
+        isolated: list[tuple[int, int]] = []    # spans of plain parts holding special-token text
+        matches = [m.span() for m in self._special_pattern.finditer(text)] \
+            if self._special_pattern is not None else []
+        start = 0
+        for part in parts:
+            end = start + len(part.text)
+            if not part.special and any(s < end and start < e for s, e in matches):
+                isolated.append((start, end))
+            start = end
+        if not isolated:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        pieces: list[_HFEncoding] = []
+        done = 0
+        for start, end in isolated:
+            if done < start:
+                pieces.append(self._tok.encode(text[done:start], add_special_tokens=False))
+            pieces.append(self._plain.encode(text[start:end], add_special_tokens=False))
+            done = end
+        if done < len(text):
+            pieces.append(self._tok.encode(text[done:], add_special_tokens=False))
+        merged = _HFEncoding.merge(pieces)
+        if add_special_tokens:
+            merged = self._tok.post_process(merged)
+        return merged.ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        """Any special token's text, longest first (the tokenizer's leftmost-longest match)."""
+        if not self.added_special:
+            return None
+        texts = sorted(self.added_special, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts)))
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -158,3 +206,26 @@ class Tokenizer:
     def decode_bytes(self, ids) -> bytes:
         table = self.token_bytes
         return b"".join(table[i] for i in ids)
+
+    @cached_property
+    def _ordinary_by_bytes(self) -> tuple[list[bytes], list[int]]:
+        """(bytes, ids) of every ordinary token (added tokens excluded), sorted by bytes."""
+        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b and i not in self._added_ids)
+        return [b for b, _ in pairs], [i for _, i in pairs]
+
+    def is_added(self, token_id: int) -> bool:
+        """A token of the added vocabulary (specials, control tokens): never extended by healing."""
+        return token_id in self._added_ids
+
+    def ids_starting_with(self, prefix: bytes) -> list[int]:
+        """Ordinary tokens whose bytes start with `prefix` (a binary search in a table sorted
+        once per tokenizer)."""
+        keys, ids = self._ordinary_by_bytes
+        lo = bisect.bisect_left(keys, prefix)
+        # The first byte string after every string starting with `prefix`: the prefix with its
+        # last byte below 0xff incremented (nothing when it is all 0xff).
+        stripped = prefix.rstrip(b"\xff")
+        if not stripped:
+            return ids[lo:]
+        hi = bisect.bisect_left(keys, stripped[:-1] + bytes([stripped[-1] + 1]), lo)
+        return ids[lo:hi]

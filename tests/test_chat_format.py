@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from stablelm_lsp.inference.api import ModelInfo, SpecialTokens
+from stablelm_lsp.inference.api import ModelInfo, PromptPart, SpecialTokens, prompt_text
 from stablelm_lsp.inference.chat_format import (
     CONTEXT_SHARE,
     ZEPHYR_TEMPLATE,
@@ -161,6 +161,11 @@ def count_words(text: str) -> int:
     return len(text.split()) + text.count("\n")
 
 
+def count_parts(parts) -> int:
+    """count_words for prompt parts, as the prompt builders count."""
+    return count_words(prompt_text(parts))
+
+
 def zephyr() -> ChatTemplate:
     return ChatTemplate(ZEPHYR_TEMPLATE, eos_token="<|endoftext|>")
 
@@ -176,9 +181,9 @@ def conversation(turns: int, words: int = 20) -> list[ChatMessage]:
 
 def test_history_is_cut_from_the_oldest_turn_keeping_system_and_last():
     messages = conversation(turns=10)
-    full = build_chat_prompt(messages, zephyr(), count_tokens=count_words, budget=10_000)
+    full = build_chat_prompt(messages, zephyr(), count_tokens=count_parts, budget=10_000)
     assert full.first_kept == 1 and full.text == zephyr().render(messages)
-    prompt = build_chat_prompt(messages, zephyr(), count_tokens=count_words, budget=200)
+    prompt = build_chat_prompt(messages, zephyr(), count_tokens=count_parts, budget=200)
     assert prompt.tokens <= 200
     assert prompt.text.startswith("<|system|>\nsys<|endoftext|>\n<|user|>\nq")
     assert prompt.text.endswith("<|user|>\nlast question<|endoftext|>\n<|assistant|>\n")
@@ -188,7 +193,7 @@ def test_history_is_cut_from_the_oldest_turn_keeping_system_and_last():
     # The cut leaves room: the next turn appends instead of moving the prompt's start again.
     assert prompt.tokens <= 200 * 0.75
     follow_up = [*prompt.conversation, ChatMessage("assistant", "short"), ChatMessage("user", "more")]
-    again = build_chat_prompt(follow_up, zephyr(), count_tokens=count_words, budget=200,
+    again = build_chat_prompt(follow_up, zephyr(), count_tokens=count_parts, budget=200,
                               keep_from=prompt.first_kept)
     assert again.first_kept == prompt.first_kept
     assert again.text.startswith(prompt.text + "short")
@@ -197,7 +202,7 @@ def test_history_is_cut_from_the_oldest_turn_keeping_system_and_last():
 def test_a_last_message_over_the_budget_is_refused():
     messages = [ChatMessage("system", "sys"), ChatMessage("user", "w " * 500)]
     with pytest.raises(MessageTooLong, match="takes at most 100"):
-        build_chat_prompt(messages, zephyr(), count_tokens=count_words, budget=100)
+        build_chat_prompt(messages, zephyr(), count_tokens=count_parts, budget=100)
 
 
 def file_lines(n: int) -> list[str]:
@@ -208,7 +213,7 @@ def test_context_shows_the_selection_and_the_whole_small_file():
     lines = ["def double(x):\n", "    return x * 2\n", "\n", "print(double(3))\n"]
     context = EditorContext("pkg/mod.py", "python", lines, "    return x * 2\n", 1, 1)
     prompt = build_chat_prompt([ChatMessage("user", "Explain")], zephyr(),
-                               count_tokens=count_words, budget=500, context=context)
+                               count_tokens=count_parts, budget=500, context=context)
     question = prompt.conversation[-1].content
     assert question == ("The file pkg/mod.py:\n```python\n" + "".join(lines) + "```\n\n"
                         "Selected code from pkg/mod.py, line 2:\n```python\n    return x * 2\n```\n\n"
@@ -221,7 +226,7 @@ def test_a_large_file_is_cut_around_the_selection_within_the_context_share():
     context = EditorContext("big.py", "python", lines, "".join(lines[2500:2503]), 2500, 2502)
     budget = 400
     prompt = build_chat_prompt([ChatMessage("user", "Why?")], zephyr(),
-                               count_tokens=count_words, budget=budget, context=context)
+                               count_tokens=count_parts, budget=budget, context=context)
     assert prompt.tokens <= budget and prompt.context_tokens <= budget * CONTEXT_SHARE
     question = prompt.conversation[-1].content
     assert "Selected code from big.py, lines 2501-2503:" in question
@@ -262,14 +267,14 @@ def test_follow_up_prompts_extend_the_previous_prompt_and_reply():
     context = EditorContext("a.py", "python", ["x = 1\n"], "x = 1\n", 0, 0)
     raw = [ChatMessage("system", "sys"), ChatMessage("user", "What is x?")]
     messages, keep_from = memory.resolve(raw)
-    first = build_chat_prompt(messages, zephyr(), count_tokens=count_words, budget=1000,
+    first = build_chat_prompt(messages, zephyr(), count_tokens=count_parts, budget=1000,
                               context=context, keep_from=keep_from)
     memory.remember(raw, first)
     reply = "x is one."
     # The client resends its own history, without the context the server folded in.
     raw2 = [*raw, ChatMessage("assistant", reply), ChatMessage("user", "And y?")]
     messages, keep_from = memory.resolve(raw2)
-    second = build_chat_prompt(messages, zephyr(), count_tokens=count_words, budget=1000,
+    second = build_chat_prompt(messages, zephyr(), count_tokens=count_parts, budget=1000,
                                keep_from=keep_from)
     assert second.text.startswith(first.text + reply)
     assert "x = 1" in second.text.split("<|assistant|>")[0]
@@ -281,11 +286,12 @@ def test_prepare_turn_keeps_positions_for_the_reply(stablelm_checkpoint):
     tok = Tokenizer.from_folder(stablelm_checkpoint)
     info = info_for(tok, max_positions=512)
     messages = [ChatMessage("user", "w " * 300)]
-    prompt, request = prepare_turn(info, messages, count_tokens=lambda t: len(tok.encode(t)),
+    prompt, request = prepare_turn(info, messages, count_tokens=lambda p: len(tok.encode_parts(p)),
                                    key="chat:1", temperature=0.5)
-    assert request.prompt == prompt.text and request.key == "chat:1"
+    assert request.prompt_parts == prompt.parts and request.key == "chat:1"
+    assert not request.token_healing
     assert request.temperature == 0.5 and request.stop == ("<|user|>", "<|system|>")
     assert prompt.tokens == len(tok.encode(prompt.text)) <= 512 - 128
     with pytest.raises(MessageTooLong):
         prepare_turn(info, [ChatMessage("user", "w " * 450)],
-                     count_tokens=lambda t: len(tok.encode(t)))
+                     count_tokens=lambda p: len(tok.encode_parts(p)))

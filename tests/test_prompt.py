@@ -1,7 +1,7 @@
 """Prompt building: layout, budgets, cache-friendly cuts, templates. Pure functions of text."""
 import pytest
 
-from stablelm_lsp.inference.api import SpecialTokens
+from stablelm_lsp.inference.api import PromptPart, SpecialTokens, prompt_text
 from checkpoints import starcoder_specials
 from stablelm_lsp.lsp.documents import split_lines
 from stablelm_lsp.lsp.prompt import (
@@ -27,7 +27,8 @@ class CharCounter:
     def __init__(self):
         self.chars_seen = 0
 
-    def __call__(self, text):
+    def __call__(self, parts):
+        text = prompt_text(parts)
         self.chars_seen += len(text)
         return -(-len(text) // 4)
 

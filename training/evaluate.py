@@ -10,13 +10,15 @@ Two measurements, with baselines computed in the same run:
    both stripped. Two cursor positions per line: at the line start (after the indentation, where
    an editor's auto-indent leaves it) and mid-line (the first half of its text typed). Reported
    raw (the model's first line) and after the server's post-processing, with exact match and
-   difflib similarity. Baselines: the nearest non-empty line above, the one below, and the most
+   difflib similarity; with token healing as the server does it, without, or both
+   (`--token-healing`). Baselines: the nearest non-empty line above, the one below, and the most
    frequent line of the training files that starts with the typed text; a baseline line that
    contradicts the typed text adds nothing to it.
 
 Prints a table to stdout, then one JSON line with every number.
 
     python training/evaluate.py                       # the built-in model, 300 cases
+    python training/evaluate.py --token-healing both  # with and without healing, same cases
     python training/evaluate.py --model /path/to/checkpoint --cases 100 --ppl-max-tokens 50000
 """
 from __future__ import annotations
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--context-tokens", type=int, default=1536,
                     help="prompt budget (clamped to the model's positions, as in the server)")
+    ap.add_argument("--token-healing", choices=["on", "off", "both"], default="on",
+                    help="complete with token healing (as the server does), without, or both ways")
     ap.add_argument("--template", default=None,
                     help="prompt template, as the server's `template` setting (default: the model's FIM layout)")
     ap.add_argument("--ppl-max-tokens", type=int, default=None,
@@ -157,7 +161,11 @@ def main(argv=None) -> int:
     completer = Completer(backend, settings)
     frequent = FrequentLines(line.strip() for _, text in train_files for line in text.splitlines())
 
-    methods = ["model", "model+postprocess", "line above", "line below", "most frequent training line"]
+    healing = {"on": [True], "off": [False], "both": [True, False]}[args.token_healing]
+    model_methods = [(name + ("" if heal else ", no healing"), heal)
+                     for heal in healing for name in ("model", "model+postprocess")]
+    methods = [name for name, _ in model_methods] + ["line above", "line below",
+                                                     "most frequent training line"]
     exact = {setting: Counter() for setting in SETTINGS}
     sim = {setting: Counter() for setting in SETTINGS}
     done = 0
@@ -177,13 +185,16 @@ def main(argv=None) -> int:
             typed = "" if setting == "line start" else target[: len(target) // 2]
             document = lines[:line_index] + [indent + typed + "\n"] + lines[line_index + 1:]
             pending = completer.prepare(document, Cursor(line_index, len(indent + typed)), path=path)
-            # Single-line infilling: stop at the newline whatever the cursor position allows.
-            request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None, time_budget_s=None)
-            result = backend.generate(request)
-            shown = completer.finish(pending, result)
-            guesses = [
-                typed + result.text.split("\n")[0],
-                typed + (shown.text.split("\n")[0] if shown else ""),
+            guesses = []
+            for heal in healing:
+                # Single-line infilling: stop at the newline whatever the cursor position allows.
+                request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None,
+                                              time_budget_s=None, token_healing=heal)
+                result = backend.generate(request)
+                shown = completer.finish(pending, result)
+                guesses += [typed + result.text.split("\n")[0],
+                            typed + (shown.text.split("\n")[0] if shown else "")]
+            guesses += [
                 # Baselines propose a whole line; one that contradicts the typed text adds nothing.
                 *(guess if guess.startswith(typed) else typed for guess in (
                     nearest_nonempty(content, line_index, -1), nearest_nonempty(content, line_index, +1))),
@@ -206,21 +217,21 @@ def main(argv=None) -> int:
           f"(loss {ppl['loss']:.3f}, {ppl['bits_per_char']:.3f} bits/char), {ppl_s:.0f} s")
     print(f"single-line infilling, {done} hidden lines from held-out files, each with the cursor at the "
           f"line start (after the indentation) and mid-line (half its text typed); "
-          f"{gen_s:.0f} s, {1000 * gen_s / max(done * len(SETTINGS), 1):.0f} ms/completion")
-    print(f"  {'method':<30}" + "".join(f" {setting + ' exact':>17} {'similarity':>10}" for setting in SETTINGS))
+          f"{gen_s:.0f} s, {1000 * gen_s / max(done * len(SETTINGS) * len(healing), 1):.0f} ms/completion")
+    print(f"  {'method':<32}" + "".join(f" {setting + ' exact':>17} {'similarity':>10}" for setting in SETTINGS))
     for name in methods:
-        print(f"  {name:<30}" + "".join(f" {rate(exact[s], name):>17.1%} {rate(sim[s], name):>10.3f}"
+        print(f"  {name:<32}" + "".join(f" {rate(exact[s], name):>17.1%} {rate(sim[s], name):>10.3f}"
                                         for s in SETTINGS))
     summary = {
         "model": info.name, "path": info.path, "held_out_files": len(held_files),
         "perplexity": round(ppl["perplexity"], 3), "loss": round(ppl["loss"], 4),
         "bits_per_char": round(ppl["bits_per_char"], 4), "perplexity_tokens": ppl["tokens"],
-        "cases": done, "seed": args.seed,
+        "cases": done, "seed": args.seed, "token_healing": args.token_healing,
         **{setting.replace(" ", "_").replace("-", "_"): {
             "exact_match": {name: round(rate(exact[setting], name), 4) for name in methods},
             "similarity": {name: round(rate(sim[setting], name), 4) for name in methods},
         } for setting in SETTINGS},
-        "ms_per_completion": round(1000 * gen_s / max(done * len(SETTINGS), 1), 1),
+        "ms_per_completion": round(1000 * gen_s / max(done * len(SETTINGS) * len(healing), 1), 1),
     }
     print(json.dumps(summary))
     return 0
