@@ -2,11 +2,22 @@
 
 Rules, in order: cut at stop texts; one line when the cursor sits before other text on its line,
 at most `max_lines` at the end of a line or on an empty line; cut what repeats the text after the
-cursor (the rest of the line, the next lines); replace, rather than duplicate, closing brackets and
-quotes the editor auto-inserted right of the cursor; no trailing whitespace; nothing empty.
+cursor (the rest of the line, the next lines); cut where the model loops (below); replace, rather
+than duplicate, closing brackets and quotes the editor auto-inserted right of the cursor; no
+trailing whitespace; nothing empty.
+
+Loops, the way small models fail (`foo-level-level-level`, one line again and again), are cut
+where the second copy starts. Real code repeats itself too (`0, 0, 0, 0`, `x[0][0]`, `'%s%s'`,
+`# ====`, the same statement twice), so only repetition that cannot be much else counts, as in
+Tabby's post-processing: a line ending in 3 copies of a unit of 4 or more characters with a word
+in it and no space or comma (6 copies of shorter units or list items: `rwxrwxrwx`, `None, None`),
+or a completion ending in 3 copies of a line or block of up to 4 lines with a letter or digit. Units
+without a word (digits, punctuation, escapes, hex digits) never count, and a loop the model
+escaped from (other text after it) is kept.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,6 +62,7 @@ def postprocess(
     lines = text.split("\n")
     lines = lines[:max(max_lines, 1) if multiline else 1]
     lines = _cut_repeated_lines(lines, line_before, next_lines)
+    lines = _cut_loops(lines, line_before)
     if not multiline:
         lines = [_cut_repeated_rest_of_line(lines[0], line_after)] if lines else []
     lines = [line.rstrip() for line in lines]
@@ -71,6 +83,84 @@ def _cut_repeated_lines(lines: list[str], line_before: str, next_lines: Sequence
         whole = (line_before + line) if i == 0 else line
         if whole.strip() == following:
             return lines[:i]
+    return lines
+
+
+# -- loops ------------------------------------------------------------------------------------
+
+LOOP_COPIES = 3             # copies of a unit ending a line, or of lines ending a completion
+LIST_LOOP_COPIES = 6        # ... of a unit shorter than 4 characters or with a space or comma
+SHORT_UNIT_CHARS = 4
+MAX_UNIT_CHARS = 32
+MAX_BLOCK_LINES = 4         # lines of a repeated block
+
+_WORD = re.compile(r"[^\W\d_]{2,}")     # two letters in a row
+_ESCAPE = re.compile(r"\\(?:x[0-9a-fA-F]{0,2}|u[0-9a-fA-F]{0,4}|U[0-9a-fA-F]{0,8}|.)")
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_LIST_SEPARATOR = re.compile(r"[\s,;]")
+_ALNUM = re.compile(r"[^\W_]")
+
+
+def _has_word(text: str) -> bool:
+    """Whether `text` has two letters in a row that are not part of an escape or a hex number."""
+    text = _ESCAPE.sub("", text)
+    return any(not _HEX.fullmatch(word) for word in _WORD.findall(text))
+
+
+def _cut_loops(lines: list[str], line_before: str) -> list[str]:
+    """`lines` up to where the model started looping (see the module docstring)."""
+    for i, line in enumerate(lines):
+        start = len(line_before) if i == 0 else 0
+        whole = line_before + line if i == 0 else line
+        cut = _looping_tail(whole.rstrip())
+        if cut is not None:
+            return lines[:i] + [whole[start:max(cut, start)]]
+    return _cut_repeated_last_lines(lines, line_before)
+
+
+def _looping_tail(line: str) -> int | None:
+    """Where the second copy starts when `line` ends in a loop of a short unit, else None."""
+    n = len(line)
+    for period in range(2, min(MAX_UNIT_CHARS, n // LOOP_COPIES) + 1):
+        start = n - period                  # the periodic tail is line[start:]
+        while start > 0 and line[start - 1] == line[start - 1 + period]:
+            start -= 1
+        copies = (n - start) // period
+        if copies < LOOP_COPIES:
+            continue
+        unit = line[start:start + period]
+        if len(set(unit)) == 1 or not _has_word(unit):
+            continue    # `xxxx`, `# ====`, `0, 0, 0`, `"\\t\\t"`, `#fafafa`
+        if (period < SHORT_UNIT_CHARS or _LIST_SEPARATOR.search(unit)) \
+                and copies < LIST_LOOP_COPIES:
+            continue    # `rwxrwxrwx`, `None, None, None`
+        return start + period
+    return None
+
+
+def _cut_repeated_last_lines(lines: list[str], line_before: str) -> list[str]:
+    """Drop the copies after the first when the completion ends with the same line (or block of
+    lines) again and again. Blank lines are skipped over; the cursor line counts whole; a last
+    line that is the start of its copy (cut by the token budget) counts as a copy; lines without
+    a letter or digit (`#`, `...`, `}`) do not count."""
+    whole = [line_before + lines[0], *lines[1:]] if lines else []
+    rows = [i for i, line in enumerate(whole) if line.strip()]
+    texts = [whole[i].rstrip() for i in rows]
+    last = len(texts) - 1
+    for period in range(1, MAX_BLOCK_LINES + 1):
+        partial = last - period >= 0 and texts[last] != texts[last - period] \
+            and texts[last - period].startswith(texts[last])
+        end = last - 1 if partial else last       # the last complete line of the tail
+        start = end - period + 1
+        while start > 0 and texts[start - 1] == texts[start - 1 + period]:
+            start -= 1
+        if start < 0 or (end + 1 - start) // period < LOOP_COPIES:
+            continue
+        block = texts[start:start + period]
+        if (period > 1 and len(set(block)) == 1) \
+                or not any(_ALNUM.search(_ESCAPE.sub("", line)) for line in block):
+            continue
+        return lines[:rows[start + period - 1] + 1]
     return lines
 
 

@@ -65,3 +65,69 @@ def test_no_empty_items(generated):
 
 def test_no_trailing_whitespace():
     assert _pp("a = 1   \n  b = 2 \t\n\n", before="") == Completion("a = 1\n  b = 2")
+
+
+# -- repetition -------------------------------------------------------------------------------
+
+def test_a_line_ending_in_a_repeated_word_is_cut_after_its_first_copy():
+    assert _pp("level-level-level", before="x = foo-") == Completion("level")
+    assert _pp("LevelLevelLevelLevelLev", before="class Foo") == Completion("Level")
+    # Cut where the second copy starts.
+    assert _pp("self.self.self.self", before="    return ") == Completion("self.")
+    # The rest of the completion goes with it: the model was looping.
+    assert _pp("bar-bar-bar\nnext_line()", before="x = foo-") == Completion("bar")
+    # Looping list items need more copies than a word (see the kept cases below).
+    assert _pp(" = ".join(["foo"] * 8), before="let ") == Completion("foo =")
+
+
+def test_a_repeated_word_the_user_typed_alone_leaves_nothing_to_show():
+    assert _pp("-level", before="x = foo-level-level") is None
+
+
+@pytest.mark.parametrize("line", [    # each ends in its repetition, as a cut-off completion would
+    "values = [0, 0, 0, 0, 0, 0, 0, 0",     # numbers
+    "# ==========================",         # separator lines
+    "path = '../../../../",
+    "x[0][0][0]",
+    "matrix = [[], [], [], [",
+    "fmt = '%s%s%s%s",
+    "bom = b'\\xff\\xff\\xff\\xff",
+    "sep = '\\t\\t\\t",
+    "    color: #fafafa",                   # hex digits
+    "mode = '-rwxrwxrwx",                   # short units need more copies
+    "args = (None, None, None",             # few list items with words
+    "total = a + a + a",
+    "print('ha ha ha",
+])
+def test_legitimate_repetition_inside_a_line_is_kept(line):
+    assert _pp(line) == Completion(line)
+
+
+def test_a_completion_ending_in_the_same_line_again_and_again_is_cut():
+    looping = "\n".join(["result = compute(x)"] * 6)
+    assert _pp(looping) == Completion("result = compute(x)")
+    # Counted with the cursor line: the suggestion only repeats it.
+    assert _pp("\n    x = x + 1\n    x = x + 1", before="    x = x + 1") is None
+    # A last line cut short by the token budget is one more copy.
+    assert _pp("a = 1\nfoo()\nfoo()\nfoo()\nfo") == Completion("a = 1\nfoo()")
+    # Blank lines between the copies do not hide them.
+    assert _pp("def f():\n    pass\n\npass\n\npass\n\npass") == Completion("def f():\n    pass\n\npass")
+
+
+def test_a_completion_ending_in_a_repeated_block_of_lines_is_cut():
+    block = "    x = read()\n    check(x)"
+    assert _pp("\n".join([block] * 4), before="") == Completion(block)
+    assert _pp("\n" + "\n".join([block] * 3), before="def f():") == Completion("\n" + block)
+
+
+@pytest.mark.parametrize("generated", [
+    "x = x + 1\nx = x + 1",                                 # twice: real code does that
+    "show()\nassert shown()\nshow()\nassert shown()",         # a block twice: idempotence tests
+    "counter.step()\ncounter.step()\ncounter.step()\nassert counter.value == 3",   # escaped
+    "[0, 0, 0],\n [0, 0, 0],\n [0, 0, 1]]",
+    "  }\n}\n",                                             # closers at different depths
+    "#\n#\n#\n#",                                           # no letter or digit: comment blocks
+    "...\n...\n...",
+])
+def test_legitimate_repeated_lines_are_kept(generated):
+    assert _pp(generated) == Completion(generated.rstrip())
