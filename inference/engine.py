@@ -22,6 +22,7 @@ import torch
 
 from .attention import install, ring_capacity, select_attention
 from .errors import EmptyPrompt, InvalidParameter, PromptTooLong, TokenOutOfRange
+from .linear import install as install_linear, select_linear
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
@@ -62,11 +63,13 @@ TokenCallback = Callable[[int], "str | None"]
 
 class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
-                 attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None):
+                 attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
+                 linear: str = "auto"):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
         attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model.
         prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with.
-        draft_tokens: most draft tokens verified per pass (0: no speculation; default per device)."""
+        draft_tokens: most draft tokens verified per pass (0: no speculation; default per device).
+        linear: auto | torch | onednn: the CPU kernel of the linear layers (inference/linear.py)."""
         self.prefix_reuse = prefix_reuse
         self.model = loaded.model
         self.config = loaded.config
@@ -87,6 +90,8 @@ class Engine:
         self._previous: OrderedDict[str | None, list[int]] = OrderedDict()
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
         install(self.model, cfg, self.attention)
+        self.linear = select_linear(linear, self.device, self.dtype)
+        install_linear(self.model, self.linear)
         ring = None
         if cfg.sliding_window:
             # A ring of window + step - 1 entries takes `step` prompt tokens per forward step and

@@ -297,6 +297,8 @@ class Decoder(nn.Module):
         self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         self.lm_head = None if tie else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # set when inference/ gives a tied head its own copy of the embedding (a packed layout)
+        self.head_is_tied_copy = False
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         # The attention kernel every layer calls (see sdpa_attention); inference/attention.py
         # may install another one (flash-attn on CUDA).
@@ -304,7 +306,7 @@ class Decoder(nn.Module):
 
     @property
     def tied(self) -> bool:
-        return self.lm_head is None
+        return self.lm_head is None or self.head_is_tied_copy
 
     def rope_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, rotary_dim] in float32, grown on demand (computed as transformers does)."""
@@ -347,9 +349,11 @@ class Decoder(nn.Module):
             cache.length = start + t
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return self.head(self.norm(x)).float()
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> logits (in the model's dtype): the tied embedding or lm_head."""
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
     def _plan_uncached(self, t: int, device) -> AttentionInputs:
         w = self.cfg.sliding_window
