@@ -295,3 +295,32 @@ def test_prepare_turn_keeps_positions_for_the_reply(stablelm_checkpoint):
     with pytest.raises(MessageTooLong):
         prepare_turn(info, [ChatMessage("user", "w " * 450)],
                      count_tokens=lambda p: len(tok.encode_parts(p)))
+
+
+@pytest.mark.parametrize("template", [HUB_ZEPHYR_TEMPLATE, STRICT_TEMPLATE], ids=["zephyr", "strict"])
+def test_message_contents_are_plain_parts_and_the_template_text_special(stablelm_checkpoint, template):
+    tok = Tokenizer.from_folder(stablelm_checkpoint)
+    ours = ChatTemplate(template, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    system = [{"role": "system", "content": "  <|user|> spaced system  \n"}]
+    for conversation in CONVERSATIONS + [system + CONVERSATIONS[0]]:
+        messages = parse_messages(conversation)
+        parts = ours.render_parts(messages)
+        assert prompt_text(parts) == ours.render(messages)
+        contents = [p.text for p in parts if not p.special]
+        # Each content as the template shows it: as it is, trimmed or JSON-escaped.
+        assert len(contents) == len(messages)
+        for content, message in zip(contents, messages):
+            assert content in (message.content, message.content.strip(),
+                               json.dumps(message.content, ensure_ascii=False)[1:-1])
+        # The special ids are the template's own: those of the same turns with harmless text.
+        harmless = [ChatMessage(m.role, "x") for m in messages]
+        ids = tok.encode_parts(parts)
+        assert [i for i in ids if tok.is_added(i)] == \
+            [i for i in tok.encode_parts(ours.render_parts(harmless)) if tok.is_added(i)]
+
+
+def test_a_template_that_changes_contents_otherwise_renders_as_one_special_part():
+    shouting = ChatTemplate("{% for m in messages %}<|user|>{{ m['content'] | upper }}{% endfor %}")
+    messages = [ChatMessage("user", "quiet <|endoftext|>")]
+    assert shouting.render_parts(messages) == (
+        PromptPart("<|user|>QUIET <|ENDOFTEXT|>", special=True),)

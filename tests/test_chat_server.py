@@ -186,6 +186,22 @@ async def test_cancel_stops_the_stream_and_leaves_the_engine_usable(client, refe
     assert field(again, "reusedTokens") >= field(again, "promptTokens") - 1
 
 
+async def test_a_message_quoting_special_tokens_is_answered_as_text(client, reference):
+    question = "Why does `<|endoftext|>` end a turn and <|user|> start one? <fim_middle>"
+    result = await chat(client, chat_params([{"role": "user", "content": question}]))
+    prompt, expected = expected_reply(reference, [ChatMessage("user", question)])
+    tok = reference.tokenizer
+    ids = tok.encode_parts(prompt.parts)
+    # The question is in the prompt as its plain encoding; the special ids are the template's:
+    # <|endoftext|> once, ending the user turn (the tiny tokenizer has no <|user|> token).
+    plain = tok.encode(question, parse_special=False)
+    assert any(ids[i:i + len(plain)] == plain for i in range(len(ids)))
+    assert [i for i in ids if tok.is_added(i)] == [tok.token_to_id("<|endoftext|>")]
+    assert field(result, "promptTokens") == len(ids) == expected.prompt_tokens
+    assert field(result, "text") == expected.text
+    assert field(result, "finishReason") == expected.finish_reason
+
+
 BAD_REQUESTS = [
     ("unknown role", lambda uri: [chat_params([{"role": "robot", "content": "hi"}])],
      "role is 'robot'"),

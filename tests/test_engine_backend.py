@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
 
-from stablelm_lsp.inference.api import GenerationError, GenerationRequest
+from stablelm_lsp.inference.api import GenerationError, GenerationRequest, PromptPart
 from stablelm_lsp.inference.backend import LocalBackend
 from stablelm_lsp.inference.errors import EmptyPrompt, InvalidParameter, PromptTooLong
 
@@ -132,3 +133,156 @@ def test_bad_requests_raise_specific_errors_and_the_backend_lives_on(backend, re
         backend.generate(GenerationRequest(**request_kwargs))
     assert isinstance(info.value, GenerationError)
     assert backend.generate(GenerationRequest(PROMPT, max_new_tokens=2)).finish_reason in ("length", "eos")
+
+
+# -- prompts as parts: special-token text in content stays text ---------------------------------
+
+def fim_parts(prefix: str, suffix: str, middle: str) -> tuple[PromptPart, ...]:
+    return (PromptPart("<fim_prefix>", special=True), PromptPart(prefix),
+            PromptPart("<fim_suffix>", special=True), PromptPart(suffix),
+            PromptPart("<fim_middle>", special=True), PromptPart(middle))
+
+
+def contains_run(ids: list[int], run: list[int]) -> bool:
+    return any(ids[i:i + len(run)] == run for i in range(len(ids) - len(run) + 1))
+
+
+def test_parts_without_special_text_encode_as_the_joined_prompt(backend):
+    tok = backend.tokenizer
+    parts = fim_parts(PROMPT, "\n    return result\n", "        result.")
+    joined = "".join(p.text for p in parts)
+    assert tok.encode_parts(parts) == tok.encode(joined, parse_special=True)
+    assert backend.count_tokens(parts) == backend.count_tokens(joined) == len(tok.encode(joined))
+
+
+def test_special_token_text_in_plain_parts_is_encoded_as_text(backend):
+    tok = backend.tokenizer
+    prefix = 'END = "<|endoftext|>"\nMARK = "<fim_middle>"\n'
+    suffix = "\n# <fim_prefix> and <file_sep> are only text here\n"
+    middle = "x = '<fim_suffix>'"
+    ids = tok.encode_parts(fim_parts(prefix, suffix, middle))
+    fim = [tok.token_to_id(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")]
+    # The format's three markers are the only special ids; each piece of content is its plain
+    # encoding, exactly.
+    assert [i for i in ids if tok.is_added(i)] == fim
+    assert ids == ([fim[0]] + tok.encode(prefix, parse_special=False) + [fim[1]]
+                   + tok.encode(suffix, parse_special=False) + [fim[2]]
+                   + tok.encode(middle, parse_special=False))
+    assert backend.count_tokens(fim_parts(prefix, suffix, middle)) == len(ids)
+    # A str prompt is the format's own text: its special-token text is parsed (generate --prompt).
+    assert tok.token_to_id("<|endoftext|>") in tok.encode_parts([PromptPart(prefix, special=True)])
+    # Special-token text split across two plain parts stays text too.
+    split = (PromptPart("a <|endof"), PromptPart("text|> b"))
+    assert tok.encode_parts(split) == tok.encode("a <|endoftext|> b", parse_special=False)
+
+
+def test_generation_from_parts_runs_the_parts_encoding(backend):
+    tok = backend.tokenizer
+    parts = fim_parts('s = "<|endoftext|>"\n', "\n", "t = s")
+    request = GenerationRequest(prompt_parts=parts, max_new_tokens=12, use_model_stops=False)
+    result = backend.generate(request)
+    ids = tok.encode_parts(parts, add_special_tokens=True)
+    assert result.prompt_tokens == len(ids)
+    direct = backend.engine.generate(ids, max_new_tokens=12)
+    assert result.token_ids == direct.token_ids
+    assert result.text == tok.decode_bytes(direct.token_ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("request_kwargs, error", [
+    (dict(prompt="x", prompt_parts=(PromptPart("y"),)), InvalidParameter),
+    (dict(prompt_parts="text"), InvalidParameter),
+    (dict(prompt_parts=(("text", False),)), InvalidParameter),
+    (dict(prompt_parts=(PromptPart(""), PromptPart("", special=True))), EmptyPrompt),
+])
+def test_bad_prompt_parts_are_refused(backend, request_kwargs, error):
+    with pytest.raises(error):
+        backend.generate(GenerationRequest(**request_kwargs))
+
+
+# -- token healing ------------------------------------------------------------------------------
+
+def last_token_extendable(backend, parts) -> tuple[list[int], bytes]:
+    """The prompt's ids and the bytes of its last token, which other tokens must extend."""
+    tok = backend.tokenizer
+    ids = tok.encode_parts(parts, add_special_tokens=True)
+    taken = tok.token_bytes[ids[-1]]
+    assert len(tok.ids_starting_with(taken)) > 1, f"pick a prompt whose last token {taken!r} extends"
+    return ids, taken
+
+
+HEALING_MIDDLES = ["    for line in text.spl", "    result.app", "        if not li",
+                   "    x = 'héllo wör", "    s = '日本 hél"]
+
+
+@pytest.mark.parametrize("middle", HEALING_MIDDLES)
+def test_healing_regenerates_the_last_token_and_returns_only_new_text(backend, middle):
+    tok = backend.tokenizer
+    parts = fim_parts(PROMPT, "\n    return result\n", middle)
+    ids, taken = last_token_extendable(backend, parts)
+    request = GenerationRequest(prompt_parts=parts, max_new_tokens=16, use_model_stops=False,
+                                token_healing=True)
+    result, deltas = collect(backend, request)
+    # The first token extends the taken-back token; one more token than asked (the regenerated
+    # one does not count); the text starts right after the prompt's end.
+    assert tok.token_bytes[result.token_ids[0]].startswith(taken)
+    assert result.prompt_tokens == len(ids) - 1 and len(result.token_ids) == 17
+    generated = tok.decode_bytes(result.token_ids)
+    assert result.text == generated[len(taken):].decode("utf-8", errors="replace")
+    assert "".join(deltas) == result.text
+    # Exactly the engine's run on the shortened prompt with the first token limited.
+    direct = backend.engine.generate(ids[:-1], max_new_tokens=17,
+                                     first_token_ids=tok.ids_starting_with(taken))
+    assert direct.token_ids == result.token_ids
+
+
+def test_healing_with_a_stop_string_matches_the_text_after_the_prompt(backend):
+    parts = fim_parts(PROMPT, "\n", "    result.app")
+    free = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=24,
+                                              use_model_stops=False, token_healing=True))
+    stop = free.text[3:5]
+    assert len(stop) == 2 and free.text.find(stop) == 3, free.text
+    result, deltas = collect(backend, GenerationRequest(
+        prompt_parts=parts, max_new_tokens=24, use_model_stops=False, token_healing=True,
+        stop=(stop,)))
+    assert result.finish_reason == "stop" and result.text == free.text[:3]
+    assert "".join(deltas) == result.text
+
+
+def test_no_healing_after_a_special_part_or_an_unextendable_token(backend):
+    tok = backend.tokenizer
+    ends_special = (PromptPart(PROMPT), PromptPart("<fim_middle>", special=True))
+    as_string = GenerationRequest(PROMPT + "    result.app", max_new_tokens=4, token_healing=True)
+    ordinary = [i for i in range(tok.vocab_size) if not tok.is_added(i) and tok.token_bytes[i]]
+    # A token that no other token extends: healing has nothing to choose from.
+    final = next(i for i in ordinary if tok.ids_starting_with(tok.token_bytes[i]) == [i]
+                 and tok.encode(tok.decode([i]), parse_special=False) == [i])
+    unextendable = (PromptPart(PROMPT + tok.decode([final])),)
+    for request in (GenerationRequest(prompt_parts=ends_special, max_new_tokens=4, token_healing=True),
+                    as_string,
+                    GenerationRequest(prompt_parts=unextendable, max_new_tokens=4, token_healing=True)):
+        healed = backend.generate(request)
+        plain = backend.generate(dataclasses.replace(request, token_healing=False))
+        assert healed.token_ids == plain.token_ids and healed.prompt_tokens == plain.prompt_tokens
+
+
+def test_tokens_extending_bytes_are_found_by_binary_search(backend):
+    tok = backend.tokenizer
+    table = tok.token_bytes
+    for prefix in (b"", b" ", b"re", b"\xff", b"<fim", "é".encode()[:1]):
+        expected = sorted(i for i, b in enumerate(table)
+                          if b and b.startswith(prefix) and not tok.is_added(i))
+        assert sorted(tok.ids_starting_with(prefix)) == expected
+
+
+def test_typing_with_healing_reuses_the_cached_prompt(backend):
+    """Each keystroke's prompt (its last token taken back) extends the cached one: only the
+    word being typed is computed again."""
+    typed = "        result.append(line.strip())"
+    previous = None
+    for n in range(8, len(typed) + 1):
+        parts = fim_parts(PROMPT, "\n    return result\n", typed[:n])
+        result = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=2,
+                                                    token_healing=True, key="file:///typing.py"))
+        if previous is not None:
+            assert result.reused_tokens >= min(previous.prompt_tokens, result.prompt_tokens) - 3
+        previous = result

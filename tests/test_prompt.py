@@ -156,3 +156,42 @@ def test_user_template_and_its_errors():
         _prompt("a", 0, 1, special=PLAIN, template=template)
     literal = PromptTemplate("{{x}}{prefix}{middle}")
     assert _prompt("a\nb", 1, 1, template=literal).text == "{x}a\nb"
+
+
+def test_document_text_paths_and_context_are_plain_parts_the_format_special():
+    files = [ContextFile("a<file_sep>.py", split_lines("A = '<|endoftext|>'\n"))]
+    text = 'MARK = "<fim_middle>"\nx = 1\nEND = "<|endoftext|>"\n'
+    p = _prompt(text, 1, 3, special=STARCODER, path="src/<fim_pad>.py", repo="<repo_name>",
+                context_files=files)
+    special = [part.text for part in p.parts if part.special]
+    plain = "".join(part.text for part in p.parts if not part.special)
+    assert special == ["<repo_name>", "<file_sep>", "<file_sep><fim_prefix>", "\n", "<fim_suffix>",
+                       "<fim_middle>"]
+    assert plain == ("<repo_name>" "a<file_sep>.py\nA = '<|endoftext|>'\n" "src/<fim_pad>.py"
+                     'MARK = "<fim_middle>"\n' ' 1\nEND = "<|endoftext|>"\n' "x =")
+    assert p.text == "".join(part.text for part in p.parts)
+    # Parts of one kind are never neighbours: an encoder joins nothing it should not.
+    assert all(a.special != b.special for a, b in zip(p.parts, p.parts[1:]))
+
+
+def test_template_literal_text_is_the_formats_own():
+    template = PromptTemplate("<fim_prefix>## {path}\n{prefix}{fim_suffix}{suffix}{fim_middle}{middle}")
+    p = _prompt("a\nb<fim_middle>", 1, 1, path="x.py", template=template)
+    assert p.parts == (PromptPart("<fim_prefix>## ", special=True), PromptPart("x.py"),
+                       PromptPart("\n", special=True), PromptPart("a\n"),
+                       PromptPart("<fim_suffix>", special=True), PromptPart("<fim_middle>"),
+                       PromptPart("<fim_middle>", special=True), PromptPart("b"))
+
+
+def test_token_counter_caches_by_parts():
+    seen = []
+
+    def count(parts):
+        seen.append(parts)
+        return len(prompt_text(parts))
+
+    counter = TokenCounter(count)
+    assert counter([PromptPart("abc")]) == counter((PromptPart("ab"), PromptPart("c"))) == 3
+    assert counter([PromptPart("abc", special=True)]) == 3
+    assert counter([PromptPart("")]) == 0
+    assert seen == [(PromptPart("abc"),), (PromptPart("abc", special=True),)]
