@@ -1,6 +1,7 @@
 """The shipped built-in model (models/builtin/) and the scripts that train and evaluate it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -108,6 +109,44 @@ def test_builtin_model_completes_obvious_lines(builtin_backend):
     assert sum(hits) >= len(OBVIOUS_LINES) - 1, list(zip(lines, hits))
 
 
+# Partly typed words (TRAINING.md: "`fina` -> nothing" without token healing): (text before the
+# cursor, pattern the completed cursor line must match).
+PARTLY_TYPED = [
+    ("def f():\n    try:\n        x = compute()\n    except ValueError:\n        x = None\n    fina",
+     r"    finally:"),
+    ("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+     "        self.items.app", r"        self\.items\.append\(item\)"),
+    ("import os\n\n\ndef main():\n    path = os.pa", r"    path = os\.path\b.*"),
+    ("if __name__ == '__ma", r"if __name__ == '__main__':"),
+    ("class Point:\n    def __in", r"    def __init__\(.*\):"),
+    ("def f(x):\n    if isinst", r"    if isinstance\(.*"),
+    ("import sys\n\n\ndef main():\n    for arg in sys.ar", r"    for arg in sys\.argv\b.*:"),
+]
+
+
+def partly_typed_lines(backend, healing: bool) -> list[str]:
+    completer = Completer(backend, Settings(max_new_tokens=24, max_lines=1))
+    out = []
+    for before, _ in PARTLY_TYPED:
+        lines = (before + "\n").splitlines(keepends=True)
+        cursor = Cursor(len(lines) - 1, len(lines[-1].rstrip("\n")))
+        pending = completer.prepare(lines, cursor, path="example.py")
+        assert pending.request.token_healing     # the server's default
+        result = backend.generate(dataclasses.replace(pending.request, token_healing=healing))
+        shown = completer.finish(pending, result)
+        out.append(lines[-1].rstrip("\n") + (shown.text.split("\n")[0] if shown else ""))
+    return out
+
+
+def test_token_healing_completes_partly_typed_words(builtin_backend):
+    healed = partly_typed_lines(builtin_backend, healing=True)
+    plain = partly_typed_lines(builtin_backend, healing=False)
+    hits = [bool(re.fullmatch(p, line)) for (_, p), line in zip(PARTLY_TYPED, healed)]
+    plain_hits = [bool(re.fullmatch(p, line)) for (_, p), line in zip(PARTLY_TYPED, plain)]
+    assert sum(hits) >= len(PARTLY_TYPED) - 1, list(zip(healed, hits))
+    assert sum(plain_hits) < sum(hits) - 2, list(zip(plain, plain_hits))
+
+
 def test_random_weights_fail_the_obvious_lines(tmp_path):
     """The completion test above means something: the same architecture and tokenizer with
     untrained weights completes none of the lines."""
@@ -196,13 +235,14 @@ def test_second_stage_continues_from_a_checkpoint(tiny_trained, tmp_path):
 def test_evaluate_script_prints_table_and_json(tiny_trained):
     proc = subprocess.run(
         [sys.executable, str(TRAINING / "evaluate.py"), "--model", str(tiny_trained), "--max-files", "12",
-         "--held-out", "0.3", "--cases", "6", "--ppl-max-tokens", "300", "--max-new-tokens", "8"],
+         "--held-out", "0.3", "--cases", "6", "--ppl-max-tokens", "300", "--max-new-tokens", "8",
+         "--token-healing", "both"],
         check=True, capture_output=True, text=True, timeout=120)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cases"] == 6 and result["perplexity_tokens"] == 300
     for setting in ("line_start", "mid_line"):
-        assert set(result[setting]["exact_match"]) >= {"model", "line above", "line below",
-                                                         "most frequent training line"}
+        assert set(result[setting]["exact_match"]) >= {"model", "model, no healing", "line above",
+                                                         "line below", "most frequent training line"}
     assert "line start exact" in proc.stdout
 
 
