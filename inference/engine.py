@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import install, ring_capacity, select_attention
+from .captured import DecodeStep
 from .errors import EmptyPrompt, InvalidParameter, PromptTooLong, TokenOutOfRange
 from .linear import install as install_linear, select_linear
 from .prefix_cache import PrefixCache, Slot
@@ -64,12 +65,14 @@ TokenCallback = Callable[[int], "str | None"]
 class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
                  attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
-                 linear: str = "auto"):
+                 linear: str = "auto", decode_step: str = "off"):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
         attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model.
         prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with.
         draft_tokens: most draft tokens verified per pass (0: no speculation; default per device).
-        linear: auto | torch | onednn: the CPU kernel of the linear layers (inference/linear.py)."""
+        linear: auto | torch | onednn: the CPU kernel of the linear layers (inference/linear.py).
+        decode_step: off | static | compile | cuda-graph: how single-token steps run
+        (inference/captured.py; opt-in)."""
         self.prefix_reuse = prefix_reuse
         self.model = loaded.model
         self.config = loaded.config
@@ -90,8 +93,9 @@ class Engine:
         self._previous: OrderedDict[str | None, list[int]] = OrderedDict()
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
         install(self.model, cfg, self.attention)
-        self.linear = select_linear(linear, self.device, self.dtype)
+        self.linear = select_linear(linear, self.device, self.dtype, compiled=decode_step == "compile")
         install_linear(self.model, self.linear)
+        self.decode_step = None if decode_step == "off" else DecodeStep(self.model, decode_step, self.device)
         ring = None
         if cfg.sliding_window:
             # A ring of window + step - 1 entries takes `step` prompt tokens per forward step and
@@ -237,7 +241,7 @@ class Engine:
                 room = min(stops.max_new_tokens - len(generated) - 1, slot.cache.max_step - 1)
                 draft = drafter.draft(min(k, room))
             if not draft:
-                token = sampler(self._forward(slot, [token])[-1, :vocab])
+                token = sampler(self._step(slot, token)[:vocab])
                 continue
             base = slot.cache.length
             rows = self._forward(slot, [token] + draft, all_rows=True)
@@ -288,6 +292,18 @@ class Engine:
             raise
         slot.tokens.extend(ids)
         return logits[0]
+
+    def _step(self, slot: Slot, token: int) -> torch.Tensor:
+        """One token after what the slot holds -> logits [V]; the captured step when enabled."""
+        if self.decode_step is None:
+            return self._forward(slot, [token])[-1]
+        try:
+            logits = self.decode_step(slot.cache, token)
+        except BaseException:
+            self.prefix_cache.drop(slot)
+            raise
+        slot.tokens.append(token)
+        return logits
 
     @staticmethod
     def _cut(slot: Slot, n: int) -> None:

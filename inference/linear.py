@@ -86,12 +86,17 @@ def _self_check() -> str | None:
     return None
 
 
-def select_linear(requested: str, device: torch.device, dtype: torch.dtype) -> LinearChoice:
+def select_linear(requested: str, device: torch.device, dtype: torch.dtype,
+                  compiled: bool = False) -> LinearChoice:
+    """compiled: the decode step is compiled with torch.compile, whose CPU backend packs weights
+    its own way (and cannot lower layers packed here)."""
     if requested not in KERNELS:
         raise InvalidParameter(f"unknown linear kernel {requested!r} (choose from {', '.join(KERNELS)})")
     if requested == "torch":
         return LinearChoice("torch", "requested")
     problems = onednn_problems(device, dtype)
+    if compiled:
+        problems.insert(0, "the decode step is compiled with torch.compile")
     if not problems:
         return LinearChoice("onednn", "requested" if requested == "onednn" else "CPU, float32, oneDNN available")
     if requested == "onednn":

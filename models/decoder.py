@@ -94,6 +94,17 @@ def sdpa_attention(q, key, value, layer: int, cache: "KVCache | None", attn: "At
                                           enable_gqa=q.shape[1] != key.shape[1])
 
 
+def static_sdpa_attention(q, key, value, layer: int, cache: "KVCache", attn: "AttentionInputs"):
+    """The kernel of Decoder.decode_static: store the step's keys/values at `attn.slots` (a device
+    tensor) and attend over the cache's whole capacity under `attn.mask`; no shape depends on
+    the position, so the step can be captured (CUDA graphs) or compiled once."""
+    k, v = cache.k[layer], cache.v[layer]
+    k.index_copy_(2, attn.slots, key)
+    v.index_copy_(2, attn.slots, value)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """NeoX rotate-half RoPE on the first rotary_dim dims; x [B, T, heads, D], cos/sin [T, rd]."""
     if rotary_dim == 0:
@@ -172,6 +183,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.length = 0
+        self._slot_positions: torch.Tensor | None = None
         # Rings: the first position whose keys are still held. Kept explicitly because cutting
         # a ring back (truncate) frees slots without bringing back what they overwrote.
         self._oldest = 0
@@ -195,6 +207,19 @@ class KVCache:
         if not self.ring:
             return max(0, self.capacity - self.length)
         return self.capacity - self.window + 1
+
+    @property
+    def slot_positions(self) -> torch.Tensor:
+        """Linear caches: the position each slot holds (slot i holds position i), [capacity]."""
+        if self._slot_positions is None or self._slot_positions.shape[0] != self.capacity:
+            self._slot_positions = torch.arange(self.capacity, device=self.k.device)
+        return self._slot_positions
+
+    def advance_static(self) -> None:
+        """Account for one token written by Decoder.decode_static at position `length`."""
+        self.length += 1
+        if self.ring:
+            self._oldest = max(self._oldest, self.length - self.capacity)
 
     def can_truncate(self, n: int) -> bool:
         """Whether keeping positions < n and continuing from n is exact with what is held."""
@@ -354,6 +379,36 @@ class Decoder(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden states -> logits (in the model's dtype): the tied embedding or lm_head."""
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+
+    @torch.inference_mode()
+    def decode_static(self, input_ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.decode_static_body(input_ids, position, cache)
+
+    def decode_static_body(self, input_ids: torch.Tensor, position: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step whose shapes and control flow do not depend on the position.
+
+        input_ids [B, 1], position [1] (long, on the model's device: the cache's length) ->
+        float32 logits [B, 1, V]. Writes this token's keys/values and, for a ring, its slot's
+        position; the caller advances `cache.length` (and a ring's oldest position) afterwards:
+        see KVCache.advance_static. Attends over the whole capacity under a mask, so it does
+        more work than `forward` when the cache is far from full, in exchange for one graph.
+        """
+        x = self.embed(input_ids)
+        cos, sin = self.rope_tables(self.cfg.max_positions, x.device)
+        cos, sin = cos.index_select(0, position).to(x.dtype), sin.index_select(0, position).to(x.dtype)
+        k_pos = cache.positions if cache.ring else cache.slot_positions
+        if cache.ring:
+            slots = position % cache.capacity
+            cache.positions.index_copy_(0, slots, position)
+            mask = (k_pos >= 0) & (k_pos <= position) & (k_pos > position - cache.window)
+        else:
+            slots = position
+            mask = k_pos <= position
+        attn = AttentionInputs(slots, cache.capacity, mask[None, :], False)
+        attn.kernel = static_sdpa_attention
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, i, cache, attn)
+        return self.head(self.norm(x)).float()
 
     def _plan_uncached(self, t: int, device) -> AttentionInputs:
         w = self.cfg.sliding_window

@@ -25,6 +25,10 @@ def test_selection_follows_device_dtype_and_request():
         assert select_linear("auto", device, dtype).name == "torch"
         with pytest.raises(InvalidParameter, match="cannot use packed oneDNN"):
             select_linear("onednn", device, dtype)
+    compiled = select_linear("auto", CPU, torch.float32, compiled=True)
+    assert compiled.name == "torch" and "torch.compile" in compiled.reason
+    with pytest.raises(InvalidParameter, match="compiled with torch.compile"):
+        select_linear("onednn", CPU, torch.float32, compiled=True)
     with pytest.raises(InvalidParameter, match="unknown linear kernel"):
         select_linear("fast", CPU, torch.float32)
     expected = "torch" if onednn_problems(CPU, torch.float32) else "onednn"
