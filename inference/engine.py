@@ -37,6 +37,9 @@ PREFILL_CHUNK = {"cpu": 256, "cuda": 1024}
 # more than one position while the weights dominate: on a GPU up to a few dozen, on a CPU a few
 # (measured on a 160M model, one thread: 8 positions cost 1.7x one).
 DRAFT_TOKENS = {"cpu": 8, "cuda": 16}
+# While a greedy request follows the previous sequence of its document, drafts may be this many
+# times longer: they are the model's own earlier choices.
+_ALIGNED_DRAFT_FACTOR = 4
 # Previous sequences (prompt + completion) remembered for drafting, one per document key.
 _PREVIOUS_KEYS = 64
 # Default KV budget on a CPU: this share of physical memory, at most _CPU_BUDGET_MAX bytes.
@@ -188,13 +191,12 @@ class Engine:
             self.prefix_cache.clear()
         slot, reused = self.prefix_cache.acquire(tokens, needed, job.key)
         result = EngineResult([], "length", len(tokens), reused)
-        drafter = None
-        if self.draft_tokens:
-            drafter = Drafter(tokens, self._previous.get(job.key))
+        drafter = Drafter(tokens, self._previous.get(job.key)) if self.draft_tokens else None
         try:
-            logits, result.finish_reason = self._prefill(job, slot, tokens, stops)
-            if logits is not None:
-                result.finish_reason = self._decode(job, slot, logits, sampling, stops, on_token,
+            rows, draft, result.finish_reason = self._prefill(job, slot, tokens, stops, drafter,
+                                                              sampling.greedy)
+            if rows is not None:
+                result.finish_reason = self._decode(job, slot, rows, draft, sampling, stops, on_token,
                                                     result, allowed, drafter)
         finally:
             self.prefix_cache.release(slot)
@@ -203,67 +205,79 @@ class Engine:
         result.elapsed_s = time.monotonic() - started
         return result
 
-    def _prefill(self, job: Job, slot: Slot, tokens: list[int], stops: TokenStops):
-        """Runs the prompt tokens the slot lacks, chunk by chunk -> (last logits [V], None), or
-        (None, reason) when the request is stopped between chunks."""
+    def _prefill(self, job: Job, slot: Slot, tokens: list[int], stops: TokenStops,
+                 drafter: Drafter | None, greedy: bool):
+        """Runs the prompt tokens the slot lacks, chunk by chunk -> (rows, draft, None), or
+        (None, [], reason) when the request is stopped between chunks. The last chunk carries a
+        draft of what follows the prompt when there is one (the rest of the previous completion,
+        after a keystroke that typed its start): rows [1 + len(draft), V] are the logits of the
+        prompt's last token and of each draft token."""
         pending = tokens[len(slot.tokens):]
         step = min(self.prefill_chunk, slot.cache.max_step) if slot.cache.ring else self.prefill_chunk
-        logits = None
         for start in range(0, len(pending), step):
             reason = job.stop_reason() or stops.time_reason()
             if reason:
-                return None, reason
-            logits = self._forward(slot, pending[start:start + step])[-1]
-        return logits, None
+                return None, [], reason
+            chunk = pending[start:start + step]
+            draft = []
+            if drafter is not None and start + step >= len(pending):
+                room = min(stops.max_new_tokens - 1, slot.cache.max_step - len(chunk))
+                draft = drafter.draft(min(self._draft_limit(drafter, self.draft_tokens, greedy), room))
+            if not draft:
+                rows = self._forward(slot, chunk)
+            else:
+                rows = self._forward(slot, chunk + draft, all_rows=True)[len(chunk) - 1:]
+        return rows, draft, None
 
-    def _decode(self, job: Job, slot: Slot, logits: torch.Tensor, sampling: SamplingParams,
-                stops: TokenStops, on_token: TokenCallback | None, result: EngineResult,
-                allowed: torch.Tensor | None = None, drafter: Drafter | None = None) -> str:
-        """Samples from `logits` (the prompt's last position), then feeds each sampled token back.
+    def _draft_limit(self, drafter: Drafter, k: int, greedy: bool) -> int:
+        """Most draft tokens for the next pass: the adaptive k, or further while a greedy request
+        follows the previous sequence of the document (the same choices again: all taken)."""
+        return _ALIGNED_DRAFT_FACTOR * self.draft_tokens if greedy and drafter.aligned else k
 
-        With a drafter, each pass feeds the sampled token plus a draft of the tokens expected to
-        follow; the model's choices are then sampled row by row, in order, exactly as one pass per
-        token would sample them, and the draft is kept up to the first token the model does not
-        choose. The cache is cut back to what was kept, so `slot.tokens` always matches it."""
+    def _decode(self, job: Job, slot: Slot, rows: torch.Tensor, draft: list[int],
+                sampling: SamplingParams, stops: TokenStops, on_token: TokenCallback | None,
+                result: EngineResult, allowed: torch.Tensor | None = None,
+                drafter: Drafter | None = None) -> str:
+        """Samples the generated tokens from rows of logits and feeds each one back.
+
+        `rows[i]` are the logits after the i-th of the last 1 + len(draft) positions run: the last
+        position before the draft, then each draft token. Tokens are sampled row by row, in order,
+        exactly as one pass per token would sample them; the draft is kept up to the first token
+        the model does not choose, which is fed next, with a new draft of what follows it. The
+        cache is cut back to what was kept, so `slot.tokens` always matches it."""
         sampler = Sampler(sampling, self.device)
         vocab, generated = self.sample_vocab, result.token_ids
-        token = sampler(logits[:vocab], allowed)
         k = self.draft_tokens
         while True:
-            generated.append(token)
-            reason = self._token_reason(token, job, stops, on_token, len(generated))
+            base = slot.cache.length - len(draft)
+            kept, reason = 0, None
+            for i, row in enumerate(rows):
+                token = sampler(row[:vocab], allowed if not generated else None)
+                generated.append(token)
+                matched = i < len(draft) and token == draft[i]
+                kept += matched
+                if drafter is not None:
+                    drafter.append(token)
+                reason = self._token_reason(token, job, stops, on_token, len(generated))
+                if reason or not matched:
+                    break
+            if draft:
+                self._cut(slot, base + kept)
+                result.drafted_tokens += len(draft)
+                result.accepted_tokens += kept
+                # a draft taken whole may go further next time; one refused early, less far
+                k = min(self.draft_tokens, 2 * k) if kept == len(draft) else max(2, kept + 1)
             if reason:
                 return reason
-            draft: list[int] = []
+            draft = []
             if drafter is not None:
-                drafter.append(token)
                 # every draft token kept is a generated token, and one more always follows
                 room = min(stops.max_new_tokens - len(generated) - 1, slot.cache.max_step - 1)
-                draft = drafter.draft(min(k, room))
-            if not draft:
-                token = sampler(self._step(slot, token)[:vocab])
-                continue
-            base = slot.cache.length
-            rows = self._forward(slot, [token] + draft, all_rows=True)
-            kept = 0
-            for row, guess in zip(rows, draft):
-                token = sampler(row[:vocab])
-                if token != guess:
-                    break
-                kept += 1
-                generated.append(token)
-                drafter.append(token)
-                reason = self._token_reason(token, job, stops, on_token, len(generated))
-                if reason:
-                    self._cut(slot, base + 1 + kept)
-                    return reason
+                draft = drafter.draft(min(self._draft_limit(drafter, k, sampling.greedy), room))
+            if draft:
+                rows = self._forward(slot, [token] + draft, all_rows=True)
             else:
-                token = sampler(rows[-1, :vocab])
-            self._cut(slot, base + 1 + kept)
-            result.drafted_tokens += len(draft)
-            result.accepted_tokens += kept
-            # a draft taken whole may go further next time; one refused early, less far
-            k = min(self.draft_tokens, 2 * k) if kept == len(draft) else max(2, kept + 1)
+                rows = self._step(slot, token)[None]
 
     def _remember(self, key: str | None, sequence: list[int]) -> None:
         self._previous[key] = sequence

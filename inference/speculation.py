@@ -63,6 +63,11 @@ class Drafter:
         if previous and len(previous) > len(prompt) and list(previous[:len(prompt)]) == list(prompt):
             self._aligned = len(prompt)
 
+    @property
+    def aligned(self) -> bool:
+        """Whether the sequence so far is a prefix of the previous one, with more to follow."""
+        return self._aligned is not None and self._aligned < len(self.previous.tokens)
+
     def append(self, token: int) -> None:
         self._pending.append(token)
         if self._aligned is not None:

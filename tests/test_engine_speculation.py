@@ -62,11 +62,18 @@ def test_typing_the_suggestion_verifies_the_rest_of_it_in_one_pass(loaded):
             Engine(loaded, prefill_chunk=CHUNK, draft_tokens=0) as plain:
         first = engine.generate(ids, max_new_tokens=12, key="d")
         typed = ids + first.token_ids[:2]
+        passes = []
+        hook = engine.model.register_forward_hook(lambda *args: passes.append(1))
         got = engine.generate(typed, max_new_tokens=10, key="d")
+        hook.remove()
         want = plain.generate(typed, max_new_tokens=10, key="d")
         assert got.token_ids == want.token_ids == first.token_ids[2:] + got.token_ids[10:]
         assert want.drafted_tokens == 0
         assert got.accepted_tokens >= 6, (got.drafted_tokens, got.accepted_tokens)
+        if not engine.prefix_cache.ring_capacity:
+            # the typed tokens and the rest of the suggestion run in one pass: 10 tokens out
+            # (a ring of window 16 takes at most 4 positions a pass)
+            assert len(passes) == 1 and got.accepted_tokens == 9
         consistent(engine)
 
 
