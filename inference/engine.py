@@ -115,10 +115,12 @@ class Engine:
                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (),
                  time_budget_s: float | None = None, on_token: TokenCallback | None = None,
                  key: str | None = None, cancel: threading.Event | None = None,
-                 first_token_ids: Sequence[int] | None = None) -> EngineResult:
+                 first_token_ids: Sequence[int] | None = None, priority: int = 0) -> EngineResult:
         """Blocking; safe from any thread. Bad input raises a GenerationError subclass before
         anything is queued. first_token_ids: the ids the first generated token must be one of
-        (token healing: the tokens that start with the text of a prompt token taken back)."""
+        (token healing: the tokens that start with the text of a prompt token taken back).
+        priority: lower is more urgent (completions 0, chat 1); a running request lets more
+        urgent ones run between its steps (scheduler.py)."""
         started = time.monotonic()
         tokens = self._check_prompt(prompt_ids)
         allowed = self._check_allowed(first_token_ids)
@@ -136,7 +138,7 @@ class Engine:
         def dropped(reason: str) -> EngineResult:
             return EngineResult([], reason, len(tokens), 0, time.monotonic() - started)
 
-        return self.scheduler.run(run, dropped, key=key, cancel=cancel)
+        return self.scheduler.run(run, dropped, key=key, cancel=cancel, priority=priority)
 
     def clear_cache(self) -> None:
         """Forget every cached sequence (runs between requests, on the worker)."""
@@ -215,6 +217,7 @@ class Engine:
         pending = tokens[len(slot.tokens):]
         step = min(self.prefill_chunk, slot.cache.max_step) if slot.cache.ring else self.prefill_chunk
         for start in range(0, len(pending), step):
+            self.scheduler.run_urgent(job)
             reason = job.stop_reason() or stops.time_reason()
             if reason:
                 return None, [], reason
@@ -269,6 +272,10 @@ class Engine:
                 k = min(self.draft_tokens, 2 * k) if kept == len(draft) else max(2, kept + 1)
             if reason:
                 return reason
+            if self.scheduler.run_urgent(job):
+                reason = job.stop_reason() or stops.time_reason()
+                if reason:
+                    return reason
             draft = []
             if drafter is not None:
                 # every draft token kept is a generated token, and one more always follows

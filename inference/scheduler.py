@@ -3,6 +3,11 @@
 A request may carry a key (a document URI). A newer request with the same key supersedes the
 older one: still queued, it is answered at once without running; already running, it is told to
 stop at its next step. A caller's cancel event is honoured the same way.
+
+Priorities: a job's priority is a number, lower = more urgent (completions 0, a chat reply 1).
+A running job calls `run_urgent` between its steps: queued jobs more urgent than it run there
+and then, on the worker thread, while it waits (its state stays as it is), so a keystroke's
+completion never waits for a long chat reply to finish.
 """
 from __future__ import annotations
 
@@ -22,10 +27,11 @@ _CANCEL_POLL_S = 0.02
 
 class Job(Generic[T]):
     def __init__(self, run: Callable[["Job[T]"], T], dropped: Callable[[str], T],
-                 key: str | None, cancel: threading.Event | None):
+                 key: str | None, cancel: threading.Event | None, priority: int = 0):
         self.run = run                  # called on the worker thread
         self.dropped = dropped          # reason -> the answer for a job stopped before it ran
         self.key = key
+        self.priority = priority
         self.cancel = cancel or threading.Event()
         self.superseded = threading.Event()
         self.future: Future[T] = Future()
@@ -43,15 +49,15 @@ class Scheduler:
     def __init__(self, name: str = "stablelm-engine"):
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._active: list[Job] = []    # running: the outermost first, then any it paused for
         self._closed = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def run(self, run: Callable[[Job[T]], T], dropped: Callable[[str], T], *,
-            key: str | None = None, cancel: threading.Event | None = None) -> T:
+            key: str | None = None, cancel: threading.Event | None = None, priority: int = 0) -> T:
         """Queues `run` and blocks until it (or its replacement answer) is done."""
-        job = self.submit(run, dropped, key=key, cancel=cancel)
+        job = self.submit(run, dropped, key=key, cancel=cancel, priority=priority)
         while True:
             try:
                 return job.future.result(timeout=_CANCEL_POLL_S)
@@ -60,8 +66,9 @@ class Scheduler:
                     self._drop_if_queued(job, "cancelled")
 
     def submit(self, run: Callable[[Job[T]], T], dropped: Callable[[str], T], *,
-               key: str | None = None, cancel: threading.Event | None = None) -> Job[T]:
-        job = Job(run, dropped, key, cancel)
+               key: str | None = None, cancel: threading.Event | None = None,
+               priority: int = 0) -> Job[T]:
+        job = Job(run, dropped, key, cancel, priority)
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -70,8 +77,9 @@ class Scheduler:
                     self._queue.remove(old)
                     old.superseded.set()
                     old.future.set_result(old.dropped("superseded"))
-                if self._running is not None and self._running.key == key:
-                    self._running.superseded.set()
+                for running in self._active:
+                    if running.key == key:
+                        running.superseded.set()
             self._queue.append(job)
             self._cond.notify()
         return job
@@ -85,8 +93,8 @@ class Scheduler:
             while self._queue:
                 job = self._queue.popleft()
                 job.future.set_result(job.dropped("cancelled"))
-            if self._running is not None:
-                self._running.cancel.set()
+            for running in self._active:
+                running.cancel.set()
             self._cond.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
@@ -95,7 +103,24 @@ class Scheduler:
     def pending(self) -> int:
         """Jobs queued or running."""
         with self._cond:
-            return len(self._queue) + (self._running is not None)
+            return len(self._queue) + len(self._active)
+
+    def run_urgent(self, current: Job) -> int:
+        """Runs, on the worker thread and before returning, every queued job more urgent than
+        `current` (the running job calling this between its steps); returns how many ran."""
+        ran = 0
+        while True:
+            with self._cond:
+                if self._closed or not self._queue:
+                    return ran
+                urgent = min((j for j in self._queue if j.priority < current.priority),
+                             key=lambda j: j.priority, default=None)
+                if urgent is None:
+                    return ran
+                self._queue.remove(urgent)
+                self._active.append(urgent)
+            self._execute(urgent)
+            ran += 1
 
     def _drop_if_queued(self, job: Job, reason: str) -> None:
         with self._cond:
@@ -110,12 +135,18 @@ class Scheduler:
                     self._cond.wait()
                 if not self._queue:
                     return
-                job = self._running = self._queue.popleft()
-            try:
-                reason = job.stop_reason()
-                job.future.set_result(job.dropped(reason) if reason else job.run(job))
-            except BaseException as exc:  # handed to the caller, the worker lives on
-                job.future.set_exception(exc)
-            finally:
-                with self._cond:
-                    self._running = None
+                # the most urgent first; FIFO among equals
+                job = min(self._queue, key=lambda j: j.priority)
+                self._queue.remove(job)
+                self._active.append(job)
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        try:
+            reason = job.stop_reason()
+            job.future.set_result(job.dropped(reason) if reason else job.run(job))
+        except BaseException as exc:  # handed to the caller, the worker lives on
+            job.future.set_exception(exc)
+        finally:
+            with self._cond:
+                self._active.remove(job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -308,3 +309,35 @@ def test_bad_input_gives_specific_errors_and_the_engine_stays_usable(stablelm):
         with pytest.raises(BudgetTooSmall, match="budget of 16"):
             small.generate([5] * 20, max_new_tokens=4)
         assert len(small.generate([5] * 10, max_new_tokens=4).token_ids) == 4
+
+
+def test_a_completion_runs_between_the_steps_of_a_longer_chat_reply(stablelm, reference_engine):
+    rng = random.Random(21)
+    vocab = stablelm.config.vocab_size
+    chat_ids, doc_ids = random_ids(rng, 50, vocab), random_ids(rng, 60, vocab)
+    order: list[str] = []
+    with Engine(stablelm, prefill_chunk=CHUNK) as engine:
+        results = {}
+
+        def completion():
+            results["doc"] = engine.generate(doc_ids, max_new_tokens=5, key="doc",
+                                             on_token=lambda t: order.append("doc") and None)
+
+        thread = threading.Thread(target=completion)
+
+        def on_chat_token(token):
+            order.append("chat")
+            if len(order) == 3:
+                thread.start()
+                while engine.scheduler.pending < 2:   # until the completion is in the queue
+                    time.sleep(0.001)
+            return None
+
+        chat = engine.generate(chat_ids, max_new_tokens=12, key="chat:1", priority=1,
+                               on_token=on_chat_token)
+        thread.join(10)
+        # the completion's 5 tokens came right after the chat's 3rd, not after its 12th
+        assert order[:3] == ["chat"] * 3 and order[3:8] == ["doc"] * 5 and order.count("chat") == 12
+        slots_consistent(engine)
+    assert chat.token_ids == fresh(reference_engine, chat_ids, max_new_tokens=12).token_ids
+    assert results["doc"].token_ids == fresh(reference_engine, doc_ids, max_new_tokens=5).token_ids

@@ -125,3 +125,54 @@ def test_close_stops_the_running_job_and_refuses_new_ones():
     assert out1 == ["cancelled"]
     with pytest.raises(EngineClosed):
         s.run(lambda job: None, dropped)
+
+
+def test_urgent_jobs_run_inside_a_less_urgent_one_between_its_steps(scheduler):
+    events: list[str] = []
+    urgent_queued = threading.Event()
+
+    def slow(job: Job) -> str:             # like a chat reply: yields between steps
+        for step in range(6):
+            events.append(f"slow {step}")
+            if step == 2:
+                urgent_queued.wait(5)
+            scheduler.run_urgent(job)
+        return "slow done"
+
+    def quick(name: str):
+        def run(job: Job) -> str:
+            events.append(name)
+            return name
+        return run
+
+    t_slow, slow_out = in_thread(lambda: scheduler.run(slow, dropped, priority=1))
+    while "slow 2" not in events:
+        time.sleep(0.001)
+    # a less urgent job queued too: it waits for the slow one, the urgent one does not
+    later = scheduler.submit(quick("later"), dropped, priority=1)
+    urgent = scheduler.submit(quick("urgent"), dropped, priority=0)
+    urgent_queued.set()
+    assert urgent.future.result(5) == "urgent"
+    t_slow.join(5)
+    assert later.future.result(5) == "later"
+    assert slow_out == ["slow done"]
+    assert events == ["slow 0", "slow 1", "slow 2", "urgent", "slow 3", "slow 4", "slow 5", "later"]
+
+
+def test_a_paused_job_is_still_superseded_and_cancelled(scheduler):
+    def outer(job: Job) -> str:
+        while not job.stop_reason():
+            scheduler.run_urgent(job)
+            time.sleep(0.002)
+        return job.stop_reason()
+
+    def inner(job: Job) -> str:
+        # while the outer job is paused here, a newer request for its key arrives
+        scheduler.submit(lambda j: "newer", dropped, key="doc", priority=1)
+        return "inner"
+
+    t, out = in_thread(lambda: scheduler.run(outer, dropped, key="doc", priority=1))
+    time.sleep(0.01)
+    assert scheduler.submit(inner, dropped, priority=0).future.result(5) == "inner"
+    t.join(5)
+    assert out == ["superseded"]
