@@ -248,7 +248,7 @@ def test_healing_with_a_stop_string_matches_the_text_after_the_prompt(backend):
     assert "".join(deltas) == result.text
 
 
-def test_no_healing_after_a_special_part_or_an_unextendable_token(backend):
+def test_no_healing_after_a_special_part_an_unextendable_token_or_indentation(backend):
     tok = backend.tokenizer
     ends_special = (PromptPart(PROMPT), PromptPart("<fim_middle>", special=True))
     as_string = GenerationRequest(PROMPT + "    result.app", max_new_tokens=4, token_healing=True)
@@ -257,9 +257,13 @@ def test_no_healing_after_a_special_part_or_an_unextendable_token(backend):
     final = next(i for i in ordinary if tok.ids_starting_with(tok.token_bytes[i]) == [i]
                  and tok.encode(tok.decode([i]), parse_special=False) == [i])
     unextendable = (PromptPart(PROMPT + tok.decode([final])),)
+    # Indentation: the tokens extending a run of spaces are longer runs, never the word after it.
+    indented = fim_parts(PROMPT, "\n", "        ")
+    assert tok.token_bytes[tok.encode_parts(indented)[-1]] == b"        "
     for request in (GenerationRequest(prompt_parts=ends_special, max_new_tokens=4, token_healing=True),
                     as_string,
-                    GenerationRequest(prompt_parts=unextendable, max_new_tokens=4, token_healing=True)):
+                    GenerationRequest(prompt_parts=unextendable, max_new_tokens=4, token_healing=True),
+                    GenerationRequest(prompt_parts=indented, max_new_tokens=4, token_healing=True)):
         healed = backend.generate(request)
         plain = backend.generate(dataclasses.replace(request, token_healing=False))
         assert healed.token_ids == plain.token_ids and healed.prompt_tokens == plain.prompt_tokens
