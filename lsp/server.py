@@ -10,7 +10,11 @@ behind the text-level `Backend` interface. What pygls does on its own and this m
 - documents live in documents.DocumentStore: URIs that are not open are never read from disk,
   edits for unknown documents and stale versions are ignored, bad edit ranges are refused;
 - server-to-client requests (`window/workDoneProgress/create`, `workspace/configuration`) are
-  never awaited without a timeout.
+  never awaited without a timeout;
+- `exit`, end of input, SIGTERM and SIGINT end the process cleanly even while a model loads:
+  the load stops between tensors, and a load stuck inside torch is not waited for (`os._exit`
+  once the log is flushed: a daemon thread inside torch at interpreter exit aborts the process).
+  The exit code is 0 after `shutdown`, 1 otherwise.
 
 A chat module registers its command on the server object (`server.command(...)`) and loads its
 model with `server.backends.load(...)`; `server.settings.chat_model` names it.
@@ -18,11 +22,13 @@ model with `server.backends.load(...)`; `server.settings.chat_model` names it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 from pathlib import PurePosixPath
@@ -61,6 +67,7 @@ STATUS_NOTIFICATION = "stablelm/status"
 STATUS_COMMAND = "stablelm.status"
 ACCEPTED_COMMAND = "stablelm.accepted"
 CLIENT_REQUEST_TIMEOUT_S = 2.0     # for answers to our own requests to the client
+EXIT_WAIT_S = 1.0                  # how long an exiting server waits for a model load to stop
 MAX_CONTEXT_FILES = 8              # other open documents offered as prompt context
 REQUEST_FAILED = -32803
 
@@ -240,6 +247,7 @@ class StableLMServer(LanguageServer):
         self._settings_problems: list[str] = []
         self._progress_events: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._stop: asyncio.Future | None = None     # set by request_stop (a signal)
         self._register_features()
 
     # -- running -------------------------------------------------------------------------------
@@ -247,12 +255,21 @@ class StableLMServer(LanguageServer):
     async def serve(self, read_chunk: Callable, writer) -> int:
         """Serve one connection until `exit` or end of input; returns the exit code."""
         self.loop = asyncio.get_running_loop()
+        stop = self.stopping()
         self._progress_events = asyncio.Queue()
         self._spawn(self._progress_worker())
         self.protocol.set_writer(writer)
+        connection = asyncio.ensure_future(run_connection(
+            read_chunk, self.protocol.handle_frame, lambda: self.protocol.exit_code is not None))
         try:
-            await run_connection(read_chunk, self.protocol.handle_frame,
-                                 lambda: self.protocol.exit_code is not None)
+            await asyncio.wait([connection, stop], return_when=asyncio.FIRST_COMPLETED)
+            if connection.done():
+                connection.result()
+            else:
+                log.info("stopping on a signal")
+                connection.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connection
         finally:
             for session in self.sessions.values():
                 session.cancel()
@@ -262,6 +279,29 @@ class StableLMServer(LanguageServer):
         if self.protocol.exit_code is not None:
             return self.protocol.exit_code
         return 0 if self.shutdown_received else 1
+
+    def stopping(self) -> asyncio.Future:
+        """Done once request_stop was called (on the running loop)."""
+        if self._stop is None:
+            self._stop = asyncio.get_running_loop().create_future()
+        return self._stop
+
+    def request_stop(self) -> None:
+        """End serving as at end of input (from a signal handler on the loop); a second request
+        exits at once."""
+        stop = self.stopping()
+        if stop.done():
+            log.warning("stopping again: exiting now")
+            exit_now(1)
+        stop.set_result(None)
+
+    def exit_when_loads_stop(self, code: int) -> int:
+        """`code`, once no model load is running any more; a load still running after
+        EXIT_WAIT_S (stuck inside torch) ends the process here, log flushed, with `code`."""
+        if not self.backends.wait_idle(EXIT_WAIT_S):
+            log.info("a model is still loading: exiting without waiting for it")
+            exit_now(code)
+        return code
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -278,7 +318,10 @@ class StableLMServer(LanguageServer):
                 return
         except RuntimeError:
             pass
-        self.loop.call_soon_threadsafe(func, *args)
+        try:
+            self.loop.call_soon_threadsafe(func, *args)
+        except RuntimeError:       # the loop is closed: the server is exiting
+            pass
 
     # -- features ------------------------------------------------------------------------------
 
@@ -386,20 +429,26 @@ class StableLMServer(LanguageServer):
                 types.MessageType.Error, f"stablelm-lsp: the model did not load: {status['message']}"))
         self.protocol.notify(STATUS_NOTIFICATION, status)
 
-    def _on_progress(self, kind: str, fraction: float, message: str) -> None:
+    def _on_progress(self, kind: str, fraction: float, message: str, load: int) -> None:
         if self._progress_events is not None:
-            self._in_loop(self._progress_events.put_nowait, (kind, fraction, message))
+            self._in_loop(self._progress_events.put_nowait, (kind, fraction, message, load))
 
     async def _progress_worker(self) -> None:
         """Turns loading events into $/progress, only if the client supports work-done progress
-        and answers window/workDoneProgress/create in time."""
+        and answers window/workDoneProgress/create in time. A newer load ends the progress of
+        the one it replaces; the replaced load's later events are dropped."""
         token: str | None = None
         percentage = -1
         sequence = 0
+        current = None
         while True:
-            kind, fraction, message = await self._progress_events.get()
+            kind, fraction, message, load = await self._progress_events.get()
+            if kind != "begin" and load != current:
+                continue
             if kind == "begin":
-                token, percentage = None, 0
+                if token is not None:
+                    self.work_done_progress.end(token, types.WorkDoneProgressEnd(message="replaced"))
+                token, percentage, current = None, 0, load
                 if _capability(self.client_capabilities, "window", "work_done_progress"):
                     sequence += 1
                     token = await self._create_progress_token(f"stablelm-load-{sequence}")
@@ -647,8 +696,8 @@ def relative_path(uri: str, root_uris: list[str]) -> tuple[str, str]:
 # -- entry points ------------------------------------------------------------------------------
 
 def configure_logging(log_file: str | None, level: str) -> None:
-    """Log to `log_file` or stderr, never stdout. pygls logs every message body at INFO: it gets
-    WARNING unless the level is DEBUG."""
+    """Log to `log_file` or stderr, never stdout. pygls logs every message body at INFO and torch
+    its caches' statistics at exit: they get WARNING unless the level is DEBUG."""
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -656,6 +705,25 @@ def configure_logging(log_file: str | None, level: str) -> None:
     root.setLevel(level.upper())
     if root.level > logging.DEBUG:
         logging.getLogger("pygls").setLevel(logging.WARNING)
+        logging.getLogger("torch").setLevel(logging.WARNING)
+
+
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's shutdown (which aborts with "terminate called
+    without an active exception" when a daemon thread is inside torch), output flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _handle_signals(server: StableLMServer) -> None:
+    """SIGTERM and SIGINT stop serving as end of input does (a second one exits at once)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):   # Windows
+            loop.add_signal_handler(signum, server.request_stop)
 
 
 def serve_stdio(server: StableLMServer) -> int:
@@ -666,8 +734,9 @@ def serve_stdio(server: StableLMServer) -> int:
     sys.stdout = sys.stderr
 
     async def main() -> int:
+        _handle_signals(server)
         chunks = StdinChunks(sys.stdin.fileno(), asyncio.get_running_loop())
-        return await server.serve(chunks.read, FileWriter(protocol_out))
+        return server.exit_when_loads_stop(await server.serve(chunks.read, FileWriter(protocol_out)))
 
     return asyncio.run(main())
 
@@ -678,6 +747,7 @@ def serve_tcp(server: StableLMServer, host: str, port: int) -> int:
     async def main() -> int:
         finished: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         connected = False
+        _handle_signals(server)
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal connected
@@ -697,6 +767,10 @@ def serve_tcp(server: StableLMServer, host: str, port: int) -> int:
             address = sock.getsockname()
             print(f"stablelm-lsp: listening on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
         async with listener:
-            return await finished
+            await asyncio.wait([finished, server.stopping()], return_when=asyncio.FIRST_COMPLETED)
+            if not finished.done() and connected:     # a signal: the connection is closing
+                await finished
+            # No client yet when a signal came: exit code 1 (no shutdown).
+            return server.exit_when_loads_stop(finished.result() if finished.done() else 1)
 
     return asyncio.run(main())

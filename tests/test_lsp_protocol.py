@@ -222,6 +222,27 @@ def test_shutdown_exit_and_end_of_input(starcoder2_checkpoint, tmp_path):
     assert raw.close() == 1                              # end of input: exits, no hang or spin
 
 
+def test_the_status_names_the_built_in_model_alike_while_loading_and_when_ready(tmp_path):
+    from stablelm_lsp.models import builtin_model_path
+
+    raw = RawServer(None, tmp_path, command=[sys.executable, "-m", "stablelm_lsp.lsp", "--stdio"])
+    try:
+        raw.initialize()
+        notified = []
+        while not notified or notified[-1]["state"] == "loading":
+            message = raw.read()
+            assert message is not None, "the server closed its output"
+            if message.get("method") == "stablelm/status":
+                notified.append(message["params"])
+        assert [n["state"] for n in notified] == ["loading", "ready"]
+        expected = {"model": builtin_model_path().name, "path": str(builtin_model_path()),
+                    "builtin": True}
+        for status in (*notified, raw.status()):
+            assert {key: status[key] for key in expected} == expected, status
+    finally:
+        raw.close()
+
+
 def test_a_client_that_never_answers_progress_creation(starcoder2_checkpoint, tmp_path):
     raw = RawServer(starcoder2_checkpoint, tmp_path)
     try:

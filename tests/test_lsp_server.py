@@ -316,6 +316,27 @@ async def test_settings_from_initialization_options_and_configuration_changes(
         await stop_client(client)
 
 
+async def test_a_reload_replaced_by_another_ends_its_progress(model, stablelm_checkpoint, tmp_path):
+    client, _ = await start_client(model, tmp_path)
+    try:
+        for target in (stablelm_checkpoint, model):    # the second replaces the first at once
+            client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"stablelm": {"model": str(target)}}))
+        current = await wait_for_state(client, "ready", "error", model=model.name)
+        assert current["state"] == "ready"
+        # Every progress the server began is ended (the "end" may follow the ready state).
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(reports[-1].kind != "end" for reports in client.progress_reports.values()) \
+                and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        kinds = {token: [r.kind for r in reports] for token, reports in client.progress_reports.items()}
+        assert len(kinds) == 3, kinds          # the first load and both reloads
+        assert all(k[0] == "begin" and k[-1] == "end" and k.count("end") == 1
+                   for k in kinds.values()), kinds
+    finally:
+        await stop_client(client)
+
+
 async def test_requests_while_loading_get_empty_results(model, tmp_path):
     # A checkpoint whose config.json is a pipe: loading blocks until the test writes it.
     slow = tmp_path / "slow-model"
@@ -328,12 +349,16 @@ async def test_requests_while_loading_get_empty_results(model, tmp_path):
     uri = _uri(tmp_path)
     try:
         open_document(client, uri, SOURCE)
-        assert (await status(client))["state"] == "loading"
+        loading = await status(client)
+        assert loading["state"] == "loading"
         assert await inline(client, uri, 6, 15) == []
         config = (model / "config.json").read_bytes()
         await asyncio.to_thread(_write_fifo, slow / "config.json", config)
-        await wait_for_state(client, "ready")
+        ready = await wait_for_state(client, "ready")
         assert len(await inline(client, uri, 6, 15)) == 1
+        # One name in both states (the folder's), the folder itself apart.
+        assert loading["model"] == ready["model"] == "slow-model"
+        assert loading["path"] == ready["path"] == str(slow)
     finally:
         await stop_client(client)
 

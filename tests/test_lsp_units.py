@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from stablelm_lsp.lsp.backends import describe_model
 from stablelm_lsp.lsp.completion import ShownCompletion
 from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
 from stablelm_lsp.lsp.postprocess import Completion
@@ -37,6 +38,25 @@ def test_model_changes_are_told_apart_from_other_changes():
     assert base.model_changed(base.merged({"model": "a"}))
     assert base.model_changed(base.merged({"prefixCache": False}))
     assert not base.model_changed(base.merged({"maxNewTokens": 3, "template": "{prefix}{middle}"}))
+
+
+def test_models_are_named_the_same_before_and_after_loading(tmp_path, monkeypatch):
+    from stablelm_lsp.models import builtin_model_path
+
+    builtin = builtin_model_path()
+    assert describe_model(None) == {"model": builtin.name, "path": str(builtin), "builtin": True}
+    assert describe_model(str(builtin))["builtin"] is True
+    assert describe_model("bigcode/starcoder2-3b") == {
+        "model": "bigcode/starcoder2-3b", "path": None, "builtin": False}
+    folder = tmp_path / "stable-code-3b"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    for given in (str(folder), str(folder) + "/", "stable-code-3b", "./stable-code-3b/.", "."):
+        described = describe_model(given)
+        expected = folder if given != "." else tmp_path
+        assert described == {"model": expected.name, "path": str(expected), "builtin": False}, given
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert describe_model("~/stable-code-3b")["path"] == str(folder)
 
 
 def test_stats_count_accepts_once_and_merge_across_servers(tmp_path):
