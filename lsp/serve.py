@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_setting_arguments(p)
     p.add_argument("--debounce-ms", type=int, metavar="MS")
     p.add_argument("--chat-model", help="checkpoint for chat (default: the completion model)")
+    p.add_argument("--chat-max-new-tokens", type=int, metavar="N",
+                   help=f"longest chat reply in tokens (default {Settings.chat_max_new_tokens})")
     p.add_argument("--stats-file", metavar="PATH",
                    help="where completion counts are kept (default "
                         "$XDG_STATE_HOME/stablelm-lsp/stats.json)")
@@ -57,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "template": args.template, "timeoutMs": args.timeout_ms,
         "debounceMs": getattr(args, "debounce_ms", None),
         "chatModel": getattr(args, "chat_model", None),
+        "chatMaxNewTokens": getattr(args, "chat_max_new_tokens", None),
         "statsFile": getattr(args, "stats_file", None),
         "prefixCache": False if getattr(args, "no_prefix_cache", False) else None,
     }

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+
 SECTION = "stablelm"
 
 
@@ -37,6 +39,7 @@ class Settings:
     debounce_ms: int = 75
     timeout_ms: int = 5000            # generation time budget per request
     chat_model: str | None = None     # read by the chat module; None: the completion model
+    chat_max_new_tokens: int = CHAT_MAX_NEW_TOKENS   # longest chat reply (read by the chat module)
     enabled: bool = True
     template: str | None = None       # prompt template (see prompt.PromptTemplate)
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
@@ -90,6 +93,7 @@ _JSON_NAMES = {_camel(name): name for name in _FIELDS}
 
 _RANGES = {
     "max_new_tokens": (1, 4096), "max_lines": (1, 1000), "context_tokens": (16, 1 << 20),
+    "chat_max_new_tokens": (1, 32768),
     "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
 _CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}

@@ -1,5 +1,6 @@
 """The server's pure pieces: settings, stats, paths, item ranges, type-through memory, framing."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,7 @@ from stablelm_lsp.lsp.completion import ShownCompletion
 from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
 from stablelm_lsp.lsp.postprocess import Completion
 from stablelm_lsp.lsp.server import inline_item, relative_path
+from stablelm_lsp.lsp.settings import _JSON_NAMES as _SERVER_SETTINGS
 from stablelm_lsp.lsp.settings import Settings, SettingsError
 from stablelm_lsp.lsp.stats import Stats
 from stablelm_lsp.lsp.transport import FrameParser, FramingError
@@ -31,6 +33,37 @@ def test_bad_settings_are_reported_and_the_good_ones_still_apply():
     assert info.value.applied.context_tokens == 700
     with pytest.raises(SettingsError):
         Settings().merged(["not", "an", "object"])
+
+
+def test_chat_reply_length_setting(tmp_path):
+    from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+    from stablelm_lsp.lsp.cli import build_parser
+    from stablelm_lsp.lsp.serve import settings_from_args
+
+    assert Settings().chat_max_new_tokens == CHAT_MAX_NEW_TOKENS
+    assert Settings().merged({"stablelm": {"chatMaxNewTokens": 100}}).chat_max_new_tokens == 100
+    for bad in (0, 40_000, 1.5, "long", None):
+        with pytest.raises(SettingsError, match="chatMaxNewTokens"):
+            Settings().merged({"chatMaxNewTokens": bad})
+    assert not Settings().model_changed(Settings().merged({"chatMaxNewTokens": 100}))
+    args = build_parser().parse_args(["serve", "--chat-max-new-tokens", "77"])
+    assert settings_from_args(args).chat_max_new_tokens == 77
+
+
+def test_the_vscode_extension_contributes_the_server_settings_with_the_server_defaults():
+    manifest = json.loads((Path(__file__).parents[1] / "editors" / "vscode" / "package.json")
+                          .read_text(encoding="utf-8"))
+    contributed = {key.removeprefix("stablelm."): value
+                   for key, value in manifest["contributes"]["configuration"]["properties"].items()}
+    server = {key: contributed[key] for key in contributed if key in _SERVER_SETTINGS}
+    assert {"model", "maxNewTokens", "chatModel", "chatMaxNewTokens", "enabled"} <= set(server)
+    defaults = Settings()
+    for key, declared in server.items():
+        default = getattr(defaults, _SERVER_SETTINGS[key])
+        assert declared["default"] == ("" if default is None else default), key
+        low_high = (declared.get("minimum"), declared.get("maximum"))
+        for bound in filter(lambda b: b is not None, low_high):
+            Settings().merged({key: bound})      # the editor's bounds are valid for the server
 
 
 def test_model_changes_are_told_apart_from_other_changes():

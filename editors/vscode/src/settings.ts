@@ -17,6 +17,7 @@ export interface ServerSettings {
   contextTokens: number;
   debounceMs: number;
   chatModel: string;
+  chatMaxNewTokens: number;
   enabled: boolean;
 }
 
@@ -56,6 +57,7 @@ export function serverSettings(config: ConfigurationReader): ServerSettings {
     contextTokens: read(config, "contextTokens", isInteger),
     debounceMs: read(config, "debounceMs", isInteger),
     chatModel: read<string>(config, "chatModel", isString).trim(),
+    chatMaxNewTokens: read(config, "chatMaxNewTokens", isInteger),
     enabled: read(config, "enabled", isBoolean),
   };
 }

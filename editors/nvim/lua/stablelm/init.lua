@@ -18,7 +18,7 @@ local defaults = {
   python = nil,
   --- Server settings (initializationOptions and workspace/didChangeConfiguration). Unset keys
   --- keep the server's defaults: model, device, dtype, maxNewTokens, temperature,
-  --- contextTokens, debounceMs, chatModel, enabled.
+  --- contextTokens, debounceMs, chatModel, chatMaxNewTokens, enabled.
   settings = {},
   --- Filetypes to attach to; nil: every file.
   filetypes = nil,

@@ -14,13 +14,14 @@ test("unset settings take package.json's defaults", () => {
     contextTokens: 1536,
     debounceMs: 75,
     chatModel: "",
+    chatMaxNewTokens: 512,
     enabled: true,
   });
 });
 
 test("set values are passed on under the protocol's names", () => {
   const settings = serverSettings(
-    reader({ model: " /models/starcoder2-3b ", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", enabled: false }),
+    reader({ model: " /models/starcoder2-3b ", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false }),
   );
   assert.equal(settings.model, "/models/starcoder2-3b");
   assert.equal(settings.device, "cuda:1");
@@ -28,14 +29,16 @@ test("set values are passed on under the protocol's names", () => {
   assert.equal(settings.maxNewTokens, 32);
   assert.equal(settings.temperature, 0.2);
   assert.equal(settings.chatModel, "zephyr");
+  assert.equal(settings.chatMaxNewTokens, 200);
   assert.equal(settings.enabled, false);
 });
 
 test("values of the wrong type fall back to the default", () => {
-  const settings = serverSettings(reader({ maxNewTokens: "many", temperature: Number.NaN, debounceMs: 1.5, enabled: "yes", model: 3 }));
+  const settings = serverSettings(reader({ maxNewTokens: "many", temperature: Number.NaN, debounceMs: 1.5, enabled: "yes", model: 3, chatMaxNewTokens: 2.5 }));
   assert.equal(settings.maxNewTokens, 64);
   assert.equal(settings.temperature, 0);
   assert.equal(settings.debounceMs, 75);
+  assert.equal(settings.chatMaxNewTokens, 512);
   assert.equal(settings.enabled, true);
   assert.equal(settings.model, "");
 });
