@@ -17,7 +17,8 @@ behind the text-level `Backend` interface. What pygls does on its own and this m
   The exit code is 0 after `shutdown`, 1 otherwise.
 
 A chat module registers its command on the server object (`server.command(...)`) and loads its
-model with `server.backends.load(...)`; `server.settings.chat_model` names it.
+model with `server.backends.load(...)`; `server.settings.chat_model` names it and
+`server.settings.chat_max_new_tokens` bounds its replies.
 """
 from __future__ import annotations
 
