@@ -189,16 +189,20 @@ def decode_speed(loaded, loaded_torch_linear, hf, bandwidth: float) -> dict:
     prompt = random_ids(PROMPT_TOKENS, loaded.config.vocab_size, seed=2)
     steps = DECODE_STEPS + 1
 
-    def engine_per_token(model, **options) -> float:
-        with token_engine(model, draft_tokens=0, **options) as engine:
+    def engine_per_token(model, **options) -> tuple[float, list[int]]:
+        with token_engine(model, **options) as engine:
             engine.generate(prompt, max_new_tokens=1)
             # everything but the last prompt token comes from the cache: steps forward passes of
-            # one token each, the first at position 1499
-            runs = [engine.generate(prompt, max_new_tokens=steps).elapsed_s for _ in range(3)]
-        return min(runs) / steps
+            # one token each (without drafts), the first at position 1499. A new key each run:
+            # no previous completion of the same document to draft from.
+            runs = [engine.generate(prompt, max_new_tokens=steps, key=f"run{i}") for i in range(3)]
+        return min(r.elapsed_s for r in runs) / steps, runs[0]
 
-    ours = engine_per_token(loaded)
-    ours_torch_linear = engine_per_token(loaded_torch_linear, linear="torch")
+    ours, _ = engine_per_token(loaded, draft_tokens=0)
+    ours_torch_linear, _ = engine_per_token(loaded_torch_linear, linear="torch", draft_tokens=0)
+    # with drafts from the sequence itself (per generated token; depends on how repetitive the
+    # model's output is: a random model repeats itself a lot)
+    ours_drafts, drafted = engine_per_token(loaded)
 
     cont = HFContinuation(hf)
     cont.generate(prompt, 1)
@@ -219,7 +223,8 @@ def decode_speed(loaded, loaded_torch_linear, hf, bandwidth: float) -> dict:
     context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
     kv = context * cfg.kv_bytes_per_token * model.embed.weight.element_size()
     floor = (weights + kv) / bandwidth
-    return {"ours_s": ours, "ours_torch_linear_s": ours_torch_linear, "transformers_s": theirs,
+    return {"ours_s": ours, "ours_torch_linear_s": ours_torch_linear, "ours_drafts_s": ours_drafts,
+            "drafted": drafted.drafted_tokens, "accepted": drafted.accepted_tokens, "transformers_s": theirs,
             "floor_s": floor, "weight_bytes": weights, "kv_bytes": kv}
 
 
@@ -278,6 +283,7 @@ def main() -> None:
         "keystroke_vs_scratch": keys["ours_s"] / keys["scratch_s"],
         "typing_suggestion_vs_cropped": typing["ours_s"] / typing["cropped_s"],
         "decode_torch_linear_vs_transformers": dec["ours_torch_linear_s"] / dec["transformers_s"],
+        "decode_drafts_vs_transformers": dec["ours_drafts_s"] / dec["transformers_s"],
         "decode_vs_transformers": dec["ours_s"] / dec["transformers_s"],
         "decode_floor_fraction": dec["floor_s"] / dec["ours_s"],
         "transformers_decode_floor_fraction": dec["floor_s"] / dec["transformers_s"],
@@ -305,6 +311,9 @@ def main() -> None:
     print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context")
     print(f"  {'this engine (one pass per token)':<42}{dec['ours_s'] * ms:>9.1f} ms   "
           f"{ratios['decode_floor_fraction']:.0%} of the bandwidth floor")
+    print(f"  {'this engine, drafts from its own sequence':<42}{dec['ours_drafts_s'] * ms:>9.1f} ms   ratio "
+          f"{ratios['decode_drafts_vs_transformers']:.2f} ({dec['accepted']} of {dec['drafted']} draft "
+          f"tokens taken)")
     print(f"  {'this engine, torch linear kernel':<42}{dec['ours_torch_linear_s'] * ms:>9.1f} ms   ratio "
           f"{ratios['decode_torch_linear_vs_transformers']:.2f}")
     print(f"  {'transformers':<42}{dec['transformers_s'] * ms:>9.1f} ms   ratio "
@@ -324,7 +333,8 @@ def main() -> None:
         "typing_suggestion_ms": {k: round(typing[k + "_s"] * ms, 1) for k in ("ours", "cropped")},
         "drafts": {"keystroke": [keys["accepted"], keys["drafted"]],
                    "typing_suggestion": [typing["accepted"], typing["drafted"]]},
-        "decode_ms": {k: round(dec[k + "_s"] * ms, 2) for k in ("ours", "ours_torch_linear", "transformers", "floor")},
+        "decode_ms": {k: round(dec[k + "_s"] * ms, 2)
+                      for k in ("ours", "ours_drafts", "ours_torch_linear", "transformers", "floor")},
         "window_kv_bytes": {k: window[k] for k in ("held_bytes", "window_bytes", "linear_bytes",
                                                     "transformers_bytes")},
         "same_tokens": keys["same_tokens"] and typing["same_tokens"] and window["same_tokens"],
