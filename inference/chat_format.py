@@ -29,8 +29,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
-from .api import (CountTokens, GenerationError, GenerationRequest, ModelInfo, PromptPart, join_parts,
-                  prompt_text, text_counter)
+from .api import (CountTokens, GenerationError, GenerationRequest, ModelInfo, PromptPart,
+                  join_parts, prompt_text, text_counter)
 
 ROLES = ("system", "user", "assistant")
 

@@ -69,6 +69,7 @@ class TokenCounter:
             self._cache.popitem(last=False)
         return tokens
 
+
 class PromptTemplate:
     """A prompt layout with `{field}` placeholders (`{{`/`}}` for literal braces).
 
@@ -292,7 +293,8 @@ def build_prompt(
 
 
 def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialTokens, repo: str,
-                    count_tokens: CountTokens) -> tuple[tuple[PromptPart, ...], tuple[str, ...], int]:
+                    count_tokens: CountTokens
+                    ) -> tuple[tuple[PromptPart, ...], tuple[str, ...], int]:
     """`<repo_name>repo<file_sep>path\\ncode...` for as many files (their heads, cut at chunk
     boundaries) as `budget` holds, the most relevant (last) first -> (parts, paths, tokens)."""
     head = (PromptPart(special.repo_name, special=True), PromptPart(repo)) \
@@ -305,7 +307,8 @@ def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialT
         header_cost = count_tokens(header)
         if used + header_cost >= budget:
             break
-        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count_text, CHUNK_LINES)
+        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count_text,
+                                   CHUNK_LINES)
         if end == 0:
             continue
         pieces.append((file.path, header + (PromptPart("".join(file.lines[:end])),)))

@@ -210,7 +210,8 @@ class Tokenizer:
     @cached_property
     def _ordinary_by_bytes(self) -> tuple[list[bytes], list[int]]:
         """(bytes, ids) of every ordinary token (added tokens excluded), sorted by bytes."""
-        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes) if b and i not in self._added_ids)
+        pairs = sorted((b, i) for i, b in enumerate(self.token_bytes)
+                       if b and i not in self._added_ids)
         return [b for b, _ in pairs], [i for _, i in pairs]
 
     def is_added(self, token_id: int) -> bool:

@@ -39,14 +39,18 @@ OBVIOUS_LINES = [
 ]
 
 
-def completed_lines(backend) -> list[str]:
-    """The cursor line after the server's completion pipeline, for each OBVIOUS_LINES document."""
+def completed_lines(backend, documents=OBVIOUS_LINES, token_healing: bool = True) -> list[str]:
+    """The cursor line after the server's completion pipeline (token healing as the server
+    does it, or turned off), for each (text before the cursor, pattern) document."""
     completer = Completer(backend, Settings(max_new_tokens=24, max_lines=1))
     out = []
-    for before, _ in OBVIOUS_LINES:
+    for before, _ in documents:
         lines = (before + "\n").splitlines(keepends=True)
         cursor = Cursor(len(lines) - 1, len(lines[-1].rstrip("\n")))
-        shown = completer.complete(lines, cursor, path="example.py")
+        pending = completer.prepare(lines, cursor, path="example.py")
+        assert pending.request.token_healing     # the server's default
+        request = dataclasses.replace(pending.request, token_healing=token_healing)
+        shown = completer.finish(pending, backend.generate(request))
         out.append(lines[-1].rstrip("\n") + (shown.text.split("\n")[0] if shown else ""))
     return out
 
@@ -124,23 +128,9 @@ PARTLY_TYPED = [
 ]
 
 
-def partly_typed_lines(backend, healing: bool) -> list[str]:
-    completer = Completer(backend, Settings(max_new_tokens=24, max_lines=1))
-    out = []
-    for before, _ in PARTLY_TYPED:
-        lines = (before + "\n").splitlines(keepends=True)
-        cursor = Cursor(len(lines) - 1, len(lines[-1].rstrip("\n")))
-        pending = completer.prepare(lines, cursor, path="example.py")
-        assert pending.request.token_healing     # the server's default
-        result = backend.generate(dataclasses.replace(pending.request, token_healing=healing))
-        shown = completer.finish(pending, result)
-        out.append(lines[-1].rstrip("\n") + (shown.text.split("\n")[0] if shown else ""))
-    return out
-
-
 def test_token_healing_completes_partly_typed_words(builtin_backend):
-    healed = partly_typed_lines(builtin_backend, healing=True)
-    plain = partly_typed_lines(builtin_backend, healing=False)
+    healed = completed_lines(builtin_backend, PARTLY_TYPED)
+    plain = completed_lines(builtin_backend, PARTLY_TYPED, token_healing=False)
     hits = [bool(re.fullmatch(p, line)) for (_, p), line in zip(PARTLY_TYPED, healed)]
     plain_hits = [bool(re.fullmatch(p, line)) for (_, p), line in zip(PARTLY_TYPED, plain)]
     assert sum(hits) >= len(PARTLY_TYPED) - 1, list(zip(healed, hits))
