@@ -132,10 +132,10 @@ class LocalBackend(Backend):
         taken = self.tokenizer.token_bytes[last]
         if len(taken) > 1 and taken.isspace():
             return prompt_ids, None, b""
-        # Ids past the model's output rows (a tokenizer larger than the checkpoint) are never
-        # sampled.
+        extensions = self.tokenizer.ids_starting_with(taken)
         vocab = self.engine.sample_vocab
-        extensions = [i for i in self.tokenizer.ids_starting_with(taken) if i < vocab]
+        if self.tokenizer.vocab_size > vocab:   # ids past the model's output rows are never sampled
+            extensions = [i for i in extensions if i < vocab]
         if extensions == [last]:
             return prompt_ids, None, b""
         return prompt_ids[:-1], extensions, taken
