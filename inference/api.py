@@ -111,6 +111,9 @@ class GenerationRequest:
     # token be any token that extends it (a partly typed word is completed as the model would
     # have tokenized the whole word). The returned text still starts where the prompt ends.
     token_healing: bool = False
+    # Lower is more urgent: completions 0, chat replies 1. A running request lets more urgent
+    # ones run between its steps, so a keystroke's completion does not wait for a chat reply.
+    priority: int = 0
 
     def parts(self) -> tuple[PromptPart, ...]:
         """The prompt as parts: `prompt_parts`, or `prompt` as one special part."""
@@ -127,6 +130,8 @@ class GenerationResult:
     prompt_tokens: int = 0
     reused_tokens: int = 0          # prompt tokens whose KV came from the cache
     elapsed_s: float = 0.0
+    drafted_tokens: int = 0         # speculative draft tokens verified (0 where not supported)
+    accepted_tokens: int = 0        # of those, the ones kept
 
 
 class Backend(abc.ABC):

@@ -29,15 +29,16 @@ from .streaming import Utf8StreamDecoder
 
 class LocalBackend(Backend):
     def __init__(self, loaded, *, builtin: bool = False, budget_tokens: int | None = None,
-                 attention: str = "auto", prefix_reuse: bool = True):
+                 attention: str = "auto", prefix_reuse: bool = True, **engine_options):
         """loaded: a models.LoadedModel. budget_tokens: KV positions kept across requests
         (default: a share of the device's memory, see engine.default_budget_tokens).
         attention: auto | sdpa | flash (inference/attention.py). prefix_reuse=False: no KV reuse
-        across requests (a measurement baseline)."""
+        across requests (a measurement baseline). engine_options: the Engine's draft_tokens,
+        linear and decode_step (inference/engine.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded, budget_tokens=budget_tokens, attention=attention,
-                             prefix_reuse=prefix_reuse)
+                             prefix_reuse=prefix_reuse, **engine_options)
         cfg, tok = loaded.config, loaded.tokenizer
         self._info = ModelInfo(
             name=loaded.name, path=str(loaded.path), model_type=cfg.model_type, builtin=builtin,
@@ -51,7 +52,7 @@ class LocalBackend(Backend):
     def load(cls, path_or_id: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
              allow_pickle: bool = False, progress: Callable[[float, str], None] | None = None,
              budget_tokens: int | None = None, attention: str = "auto",
-             prefix_reuse: bool = True) -> "LocalBackend":
+             prefix_reuse: bool = True, **engine_options) -> "LocalBackend":
         """Load a checkpoint folder or Hub id (models.load_model) and start an engine on it."""
         from stablelm_lsp.models import builtin_model_path, load_model
 
@@ -59,7 +60,7 @@ class LocalBackend(Backend):
                             progress=progress)
         builtin = Path(loaded.path).resolve() == builtin_model_path().resolve()
         return cls(loaded, builtin=builtin, budget_tokens=budget_tokens, attention=attention,
-                   prefix_reuse=prefix_reuse)
+                   prefix_reuse=prefix_reuse, **engine_options)
 
     @property
     def info(self) -> ModelInfo:
@@ -102,7 +103,7 @@ class LocalBackend(Backend):
             prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling,
             stop_ids=self.tokenizer.stop_ids if request.use_model_stops else (),
             time_budget_s=request.time_budget_s, on_token=on_token, key=request.key, cancel=cancel,
-            first_token_ids=first_token_ids)
+            first_token_ids=first_token_ids, priority=request.priority)
         reason = result.finish_reason
         if reason not in ("stop", "max_lines"):
             # Generation ended for another reason: what was held back (an incomplete character,
@@ -116,7 +117,8 @@ class LocalBackend(Backend):
         return GenerationResult(
             text="".join(pieces), token_ids=result.token_ids, finish_reason=reason,
             prompt_tokens=result.prompt_tokens, reused_tokens=result.reused_tokens,
-            elapsed_s=result.elapsed_s)
+            elapsed_s=result.elapsed_s, drafted_tokens=result.drafted_tokens,
+            accepted_tokens=result.accepted_tokens)
 
     def _heal(self, prompt_ids: list[int]) -> tuple[list[int], list[int] | None, bytes]:
         """(prompt ids, first_token_ids, bytes taken back): the last token taken back when some

@@ -318,7 +318,7 @@ def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
     # No token healing: the prompt ends with the template's generation prompt, not user text.
     request = GenerationRequest(prompt_parts=prompt.parts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, stop=template.stop_texts, key=key,
-                                token_healing=False)
+                                token_healing=False, priority=1)
     return prompt, request
 
 

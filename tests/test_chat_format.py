@@ -289,7 +289,7 @@ def test_prepare_turn_keeps_positions_for_the_reply(stablelm_checkpoint):
     prompt, request = prepare_turn(info, messages, count_tokens=lambda p: len(tok.encode_parts(p)),
                                    key="chat:1", temperature=0.5)
     assert request.prompt_parts == prompt.parts and request.key == "chat:1"
-    assert not request.token_healing
+    assert not request.token_healing and request.priority == 1   # completions go first
     assert request.temperature == 0.5 and request.stop == ("<|user|>", "<|system|>")
     assert prompt.tokens == len(tok.encode(prompt.text)) <= 512 - 128
     with pytest.raises(MessageTooLong):

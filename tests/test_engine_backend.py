@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -290,3 +291,31 @@ def test_typing_with_healing_reuses_the_cached_prompt(backend):
         if previous is not None:
             assert result.reused_tokens >= min(previous.prompt_tokens, result.prompt_tokens) - 3
         previous = result
+
+
+def test_a_completion_overtakes_a_chat_reply_and_drafts_are_reported(backend):
+    """A chat-priority request (1) lets a completion (0) run between its steps; repeating a
+    greedy request drafts the whole previous completion."""
+    order: list[str] = []
+    done: dict = {}
+    completion = threading.Thread(target=lambda: done.setdefault("doc", backend.generate(
+        GenerationRequest(prompt=PROMPT, max_new_tokens=4, key="doc", use_model_stops=False),
+        on_delta=lambda d: order.append("doc"))))
+
+    def on_chat_delta(delta: str) -> None:
+        order.append("chat")
+        if order.count("chat") == 2:
+            completion.start()
+            while backend.engine.scheduler.pending < 2:
+                time.sleep(0.001)
+
+    chat = backend.generate(GenerationRequest(prompt="Hello there, ", max_new_tokens=24, key="chat:1",
+                                              priority=1, use_model_stops=False),
+                            on_delta=on_chat_delta)
+    completion.join(10)
+    assert done["doc"].finish_reason == "length" and order.count("chat") >= 4
+    last_doc = max(i for i, who in enumerate(order) if who == "doc")
+    assert last_doc < len(order) - 1 and order[:2] == ["chat", "chat"]   # the chat went on after
+    again = backend.generate(GenerationRequest(prompt="Hello there, ", max_new_tokens=24, key="chat:1",
+                                               use_model_stops=False))
+    assert again.text == chat.text and again.accepted_tokens >= 20, again
