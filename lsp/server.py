@@ -360,10 +360,20 @@ class StableLMServer(LanguageServer):
             session.cancel()
         self.stats.flush()
 
-    async def _on_did_change_configuration(self, params: types.DidChangeConfigurationParams) -> None:
+    def _on_did_change_configuration(self, params: types.DidChangeConfigurationParams) -> None:
+        """Settings carried by the notification apply before the next message is handled (an
+        async handler would run later, after requests sent behind it); pulled ones when the
+        client answers."""
         values = params.settings
         if not values and _capability(self.client_capabilities, "workspace", "configuration"):
-            values = await self._pull_configuration()
+            self._spawn(self._pull_and_apply_configuration())
+            return
+        self._apply_changed_settings(values)
+
+    async def _pull_and_apply_configuration(self) -> None:
+        self._apply_changed_settings(await self._pull_configuration())
+
+    def _apply_changed_settings(self, values: Any) -> None:
         self._apply_settings(values, reload=True)
         for problem in self._settings_problems:
             self.window_show_message(types.ShowMessageParams(types.MessageType.Warning,
@@ -379,7 +389,8 @@ class StableLMServer(LanguageServer):
             log.info("workspace/configuration got no answer; keeping the current settings")
             return None
         result = future.result()
-        return result[0] if isinstance(result, list) and result else None
+        # pygls structures the answer's list as a tuple
+        return result[0] if isinstance(result, (list, tuple)) and result else None
 
     def _apply_settings(self, values: Any, reload: bool) -> None:
         old = self.settings

@@ -243,6 +243,38 @@ def test_the_status_names_the_built_in_model_alike_while_loading_and_when_ready(
         raw.close()
 
 
+def test_settings_apply_before_the_requests_sent_after_them(starcoder2_checkpoint,
+                                                            stablelm_checkpoint, tmp_path):
+    """A configuration change and a request written at once: the request sees the new settings."""
+    raw = RawServer(starcoder2_checkpoint, tmp_path)
+    try:
+        raw.initialize()
+        assert raw.wait_ready()["model"] == starcoder2_checkpoint.name
+        change = {"jsonrpc": "2.0", "method": "workspace/didChangeConfiguration",
+                  "params": {"settings": {"stablelm": {"model": str(stablelm_checkpoint)}}}}
+        raw.send_bytes(_frame(change) + _frame(_status_request("after-change")))
+        current = raw.response("after-change")["result"]
+        assert (current["state"], current["model"]) == ("loading", stablelm_checkpoint.name)
+    finally:
+        raw.close()
+    # A change without settings: the server asks for them, and applies the answer.
+    raw = RawServer(stablelm_checkpoint, tmp_path)
+    try:
+        raw.initialize({"workspace": {"configuration": True}})
+        raw.notify("workspace/didChangeConfiguration", {"settings": None})
+        while (message := raw.read()).get("method") != "workspace/configuration":
+            assert message is not None
+        assert message["params"] == {"items": [{"section": "stablelm"}]}
+        raw.send({"jsonrpc": "2.0", "id": message["id"],
+                  "result": [{"model": str(starcoder2_checkpoint)}]})
+        deadline = time.monotonic() + TIMEOUT_S
+        while raw.status()["model"] != starcoder2_checkpoint.name:
+            assert time.monotonic() < deadline, "the pulled settings were not applied"
+            time.sleep(0.05)
+    finally:
+        raw.close()
+
+
 def test_a_client_that_never_answers_progress_creation(starcoder2_checkpoint, tmp_path):
     raw = RawServer(starcoder2_checkpoint, tmp_path)
     try:

@@ -15,6 +15,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 
 from lsp_testing import (
+    TIMEOUT_S,
     change,
     inline,
     inline_params,
@@ -322,17 +323,20 @@ async def test_a_reload_replaced_by_another_ends_its_progress(model, stablelm_ch
         for target in (stablelm_checkpoint, model):    # the second replaces the first at once
             client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
                 settings={"stablelm": {"model": str(target)}}))
+        # Three progresses (the first load and both reloads), each begun and ended once.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT_S
+        while True:
+            kinds = {token: [r.kind for r in reports]
+                     for token, reports in client.progress_reports.items()}
+            done = len(kinds) == 3 and all(k[-1] == "end" for k in kinds.values())
+            if done or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert len(kinds) == 3 and all(k[0] == "begin" and k[-1] == "end" and k.count("end") == 1
+                                       for k in kinds.values()), kinds
         current = await wait_for_state(client, "ready", "error", model=model.name)
         assert current["state"] == "ready"
-        # Every progress the server began is ended (the "end" may follow the ready state).
-        deadline = asyncio.get_running_loop().time() + 10
-        while any(reports[-1].kind != "end" for reports in client.progress_reports.values()) \
-                and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        kinds = {token: [r.kind for r in reports] for token, reports in client.progress_reports.items()}
-        assert len(kinds) == 3, kinds          # the first load and both reloads
-        assert all(k[0] == "begin" and k[-1] == "end" and k.count("end") == 1
-                   for k in kinds.values()), kinds
     finally:
         await stop_client(client)
 
