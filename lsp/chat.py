@@ -137,7 +137,8 @@ class ChatService:
             prompt, request = await asyncio.to_thread(
                 prepare_turn, backend.info, messages, context=context, keep_from=keep_from,
                 count_tokens=TokenCounter(backend.count_tokens),
-                temperature=settings.temperature, key=f"chat:{params.chat_id}")
+                temperature=settings.temperature, max_new_tokens=settings.chat_max_new_tokens,
+                key=f"chat:{params.chat_id}")
         except ChatFormatError as exc:
             raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: {exc}") from None
 

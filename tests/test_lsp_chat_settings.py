@@ -16,8 +16,6 @@ from stablelm_lsp.lsp.chat import CHAT_COMMAND
 QUESTION = "What does this function return?"
 
 
-@pytest.mark.xfail(strict=True, reason="lsp/chat.py does not pass settings.chat_max_new_tokens "
-                                       "to prepare_turn yet; remove this mark with that change")
 @pytest.mark.asyncio
 async def test_chat_max_new_tokens_limits_the_reply(checkpoint_factory, tmp_path):
     model = checkpoint_factory("stablelm-3b", max_position_embeddings=4096)
