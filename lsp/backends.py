@@ -64,7 +64,14 @@ def load_local_backend(model: str | None, settings: Settings, progress: Progress
 
     return LocalBackend.load(model or str(builtin_model_path()), device=settings.device,
                              dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                             progress=progress, prefix_reuse=settings.prefix_cache)
+                             progress=progress, prefix_reuse=settings.prefix_cache,
+                             **engine_options(settings))
+
+
+def engine_options(settings) -> dict:
+    """The engine's options from settings (or the CLI's arguments, which use the same names)."""
+    return {"attention": settings.attention, "decode_step": settings.decode_step,
+            **({} if settings.speculation else {"draft_tokens": 0})}
 
 
 class BackendManager:

@@ -24,6 +24,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: the checkpoint's dtype on GPU, float32 on CPU")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin pickle weights (loaded with weights_only=True)")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"],
+                   help="attention kernel: auto (flash-attn on CUDA when installed), sdpa, flash")
+    p.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
+                   help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
+    p.add_argument("--no-speculation", dest="speculation", action="store_false",
+                   help="one forward pass per generated token (no draft verification)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
@@ -42,8 +48,10 @@ def model_path(model: str | None) -> str:
 def load_backend(args: argparse.Namespace):
     from stablelm_lsp.inference.backend import LocalBackend
 
+    from .backends import engine_options
+
     return LocalBackend.load(model_path(args.model), device=args.device, dtype=args.dtype,
-                             allow_pickle=args.allow_pickle)
+                             allow_pickle=args.allow_pickle, **engine_options(args))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -62,6 +62,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "chatMaxNewTokens": getattr(args, "chat_max_new_tokens", None),
         "statsFile": getattr(args, "stats_file", None),
         "prefixCache": False if getattr(args, "no_prefix_cache", False) else None,
+        "speculation": False if not args.speculation else None,
+        "attention": args.attention, "decodeStep": args.decode_step,
     }
     return Settings().merged({k: v for k, v in flags.items() if v is not None})
 

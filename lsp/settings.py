@@ -44,6 +44,9 @@ class Settings:
     template: str | None = None       # prompt template (see prompt.PromptTemplate)
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
+    speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
+    attention: str = "auto"           # auto | sdpa | flash (inference/attention.py)
+    decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
 
     def stats_path(self) -> Path:
         if self.stats_file:
@@ -54,7 +57,8 @@ class Settings:
     def model_changed(self, other: "Settings") -> bool:
         """Whether going to `other` needs the completion model loaded again."""
         return any(getattr(self, f) != getattr(other, f)
-                   for f in ("model", "device", "dtype", "allow_pickle", "prefix_cache"))
+                   for f in ("model", "device", "dtype", "allow_pickle", "prefix_cache",
+                             "speculation", "attention", "decode_step"))
 
     def merged(self, values: Mapping[str, Any] | None) -> "Settings":
         """These settings updated from client JSON; raises SettingsError (with the good values
@@ -96,7 +100,9 @@ _RANGES = {
     "chat_max_new_tokens": (1, 32768),
     "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}
+_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
+            "attention": ("auto", "sdpa", "flash"),
+            "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 
 def _check(name: str, value: Any) -> Any:

@@ -44,6 +44,11 @@ def test_generate_prints_text(stablelm_checkpoint):
                                  "--max-new-tokens", "8", "--no-stop", "--json").stdout)
     assert out.stdout == as_json["text"] + "\n"
     assert out.stdout.strip(), "eight tokens of a random model still print something"
+    # the engine options change how, not what
+    for options in (["--no-speculation"], ["--decode-step", "static", "--attention", "sdpa"]):
+        same = run_cli("generate", "--model", str(stablelm_checkpoint), "--prompt", PROMPT,
+                       "--max-new-tokens", "8", "--no-stop", *options)
+        assert same.returncode == 0 and same.stdout == out.stdout, (options, same.stderr)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -52,6 +57,8 @@ def test_generate_prints_text(stablelm_checkpoint):
     (["--model", "{ckpt}", "--prompt", ""], "empty"),
     (["--model", "{ckpt}", "--max-new-tokens", "0"], "max"),
     (["--model", "{ckpt}", "--prompt", "x = 1\n" * 400], "positions"),
+    (["--model", "{ckpt}", "--decode-step", "cuda-graph"] if not torch.cuda.is_available()
+     else ["--model", "{ckpt}", "--attention", "flash", "--dtype", "float32"], "cannot use"),
 ])
 def test_bad_input_one_line_exit_2(args, words, tmp_path, stablelm_checkpoint):
     args = [a.format(tmp=tmp_path, ckpt=stablelm_checkpoint) for a in args]

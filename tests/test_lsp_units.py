@@ -70,6 +70,10 @@ def test_model_changes_are_told_apart_from_other_changes():
     base = Settings()
     assert base.model_changed(base.merged({"model": "a"}))
     assert base.model_changed(base.merged({"prefixCache": False}))
+    assert base.model_changed(base.merged({"speculation": False}))
+    assert base.model_changed(base.merged({"decodeStep": "compile", "attention": "sdpa"}))
+    with pytest.raises(SettingsError, match="decodeStep.*not one of"):
+        base.merged({"decodeStep": "fast"})
     assert not base.model_changed(base.merged({"maxNewTokens": 3, "template": "{prefix}{middle}"}))
 
 

@@ -12,6 +12,9 @@ export interface ServerSettings {
   model: string;
   device: string;
   dtype: string;
+  speculation: boolean;
+  attention: string;
+  decodeStep: string;
   maxNewTokens: number;
   temperature: number;
   contextTokens: number;
@@ -52,6 +55,9 @@ export function serverSettings(config: ConfigurationReader): ServerSettings {
     model: read<string>(config, "model", isString).trim(),
     device: read(config, "device", isString),
     dtype: read(config, "dtype", isString),
+    speculation: read(config, "speculation", isBoolean),
+    attention: read(config, "attention", isString),
+    decodeStep: read(config, "decodeStep", isString),
     maxNewTokens: read(config, "maxNewTokens", isInteger),
     temperature: read(config, "temperature", isNumber),
     contextTokens: read(config, "contextTokens", isInteger),

@@ -9,6 +9,9 @@ test("unset settings take package.json's defaults", () => {
     model: "",
     device: "auto",
     dtype: "auto",
+    speculation: true,
+    attention: "auto",
+    decodeStep: "off",
     maxNewTokens: 64,
     temperature: 0,
     contextTokens: 1536,
@@ -21,7 +24,7 @@ test("unset settings take package.json's defaults", () => {
 
 test("set values are passed on under the protocol's names", () => {
   const settings = serverSettings(
-    reader({ model: " /models/starcoder2-3b ", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false }),
+    reader({ model: " /models/starcoder2-3b ", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false, decodeStep: "cuda-graph", speculation: false }),
   );
   assert.equal(settings.model, "/models/starcoder2-3b");
   assert.equal(settings.device, "cuda:1");
@@ -31,6 +34,8 @@ test("set values are passed on under the protocol's names", () => {
   assert.equal(settings.chatModel, "zephyr");
   assert.equal(settings.chatMaxNewTokens, 200);
   assert.equal(settings.enabled, false);
+  assert.equal(settings.decodeStep, "cuda-graph");
+  assert.equal(settings.speculation, false);
 });
 
 test("values of the wrong type fall back to the default", () => {
