@@ -25,6 +25,8 @@ from typing import Sequence
 
 MAX_NGRAM = 3           # longest suffix looked up
 MIN_NGRAM = 1
+OWN_WINDOW = 4096       # prompt tokens indexed (the last ones)
+PREVIOUS_WINDOW = 512   # tokens of the previous sequence indexed (the last ones)
 
 
 class NgramIndex:
@@ -32,9 +34,14 @@ class NgramIndex:
     occurrence that is followed by at least one token ends."""
 
     def __init__(self, tokens: Sequence[int] = ()):
-        self.tokens: list[int] = []
+        self.tokens: list[int] = list(tokens)
         self._end: dict[tuple[int, ...], int] = {}
-        self.extend(tokens)
+        seq, count = self.tokens, len(self.tokens)
+        for n in range(MIN_NGRAM, MAX_NGRAM + 1):
+            # the n-grams starting at 0 .. count - n - 1 (each followed by a token), and where
+            # they end; built at C speed, later occurrences overwriting earlier ones
+            grams = zip(*(seq[i:count - n + i] for i in range(n)))
+            self._end.update(zip(grams, range(n, count)))
 
     def extend(self, tokens: Sequence[int]) -> None:
         seq, ends = self.tokens, self._end
@@ -54,8 +61,14 @@ class Drafter:
     """Drafts for one request: its own sequence plus the previous one of the same document."""
 
     def __init__(self, prompt: Sequence[int], previous: Sequence[int] | None = None):
-        self.own = NgramIndex(prompt)
-        self.previous = NgramIndex(previous) if previous else None
+        # Only the end of a long prompt is indexed (nearby text repeats most; a request's
+        # set-up time stays flat), and of the previous sequence, its completion and what led to it.
+        # Built at the first n-gram lookup: a request that follows its previous sequence all the
+        # way (the same request again, typing the suggestion) never pays for them.
+        self._own: NgramIndex | None = None
+        self._previous: NgramIndex | None = None
+        self._prompt = prompt
+        self._previous_tokens = list(previous or ())
         self._pending: list[int] = []   # tokens appended since the last draft (indexed lazily)
         # While the sequence is a prefix of the previous one (the same request again, or the
         # user typed part of the suggestion), where it stands in it: the draft is what follows.
@@ -64,14 +77,26 @@ class Drafter:
             self._aligned = len(prompt)
 
     @property
+    def own(self) -> NgramIndex:
+        if self._own is None:
+            self._own = NgramIndex(self._prompt[-OWN_WINDOW:])
+        return self._own
+
+    @property
+    def previous(self) -> NgramIndex | None:
+        if self._previous is None and self._previous_tokens:
+            self._previous = NgramIndex(self._previous_tokens[-PREVIOUS_WINDOW:])
+        return self._previous
+
+    @property
     def aligned(self) -> bool:
         """Whether the sequence so far is a prefix of the previous one, with more to follow."""
-        return self._aligned is not None and self._aligned < len(self.previous.tokens)
+        return self._aligned is not None and self._aligned < len(self._previous_tokens)
 
     def append(self, token: int) -> None:
         self._pending.append(token)
         if self._aligned is not None:
-            prev = self.previous.tokens
+            prev = self._previous_tokens
             if self._aligned < len(prev) and prev[self._aligned] == token:
                 self._aligned += 1
             else:
@@ -79,6 +104,8 @@ class Drafter:
 
     def draft(self, k: int) -> list[int]:
         """Up to k tokens likely to follow the sequence (empty when nothing matches)."""
+        if k > 0 and self.aligned:
+            return self._previous_tokens[self._aligned:self._aligned + k]
         if self._pending:
             # the newest token is the suffix being looked up: index everything before it now,
             # so the lookup finds earlier occurrences only
@@ -86,17 +113,16 @@ class Drafter:
             self._pending = self._pending[-1:]
         if k <= 0:
             return []
-        if self._aligned is not None and self._aligned < len(self.previous.tokens):
-            return self.previous.tokens[self._aligned:self._aligned + k]
         seq = self.own.tokens + self._pending
+        previous = self.previous
         for n in range(min(MAX_NGRAM, len(seq)), MIN_NGRAM - 1, -1):
             gram = tuple(seq[-n:])
-            for source in (self.previous, self.own):
+            for source in (previous, self.own):
                 if source is None:
                     continue
                 start = source.follow(gram)
                 if start is not None:
-                    if source is self.previous:
+                    if source is previous:
                         return source.tokens[start:start + k]
                     return _copy_periodic(seq, start, k)
         return []
