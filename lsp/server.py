@@ -605,6 +605,8 @@ class StableLMServer(LanguageServer):
         self.last_run = {"run": self._runs, "promptTokens": result.prompt_tokens,
                          "reusedTokens": result.reused_tokens,
                          "generatedTokens": len(result.token_ids),
+                         "draftedTokens": result.drafted_tokens,
+                         "acceptedTokens": result.accepted_tokens,
                          "finishReason": result.finish_reason,
                          "elapsedMs": round(result.elapsed_s * 1000, 1)}
         log.debug("completion %s: %s", uri, self.last_run)

@@ -118,6 +118,11 @@ async def test_inline_completion_equals_cli_generate(shared, model):
     assert len(items) == 1
     assert items[0].insert_text == expected.text
     assert items[0].command.command == "stablelm.accepted"
+    cli_json = json.loads(cli.stdout)
+    run = (await status(client))["lastRun"]
+    assert run["promptTokens"] == cli_json["prompt_tokens"]
+    assert run["generatedTokens"] == len(cli_json["token_ids"])
+    assert 0 <= run["acceptedTokens"] <= run["draftedTokens"]
 
 
 async def test_astral_characters_left_of_the_cursor_in_utf16_and_utf8(shared, model, tmp_path):
