@@ -124,6 +124,6 @@ def pack_linears(model: nn.Module) -> int:
 def install(model: nn.Module, choice: LinearChoice) -> None:
     if choice.name == "onednn":
         count = pack_linears(model)
-        log.info("linear layers: oneDNN packed (%d layers; %s)", count, choice.reason)
+        log.debug("linear layers: oneDNN packed (%d layers; %s)", count, choice.reason)
     else:
-        log.info("linear layers: torch (%s)", choice.reason)
+        log.debug("linear layers: torch (%s)", choice.reason)

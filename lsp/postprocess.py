@@ -1,7 +1,10 @@
 """From generated text to what the editor shows: pure functions of text.
 
 Rules, in order: cut at stop texts; one line when the cursor sits before other text on its line,
-at most `max_lines` at the end of a line or on an empty line; cut what repeats the text after the
+at most `max_lines` at the end of a line or on an empty line, except that a statement typed
+partly (text before the cursor) is only completed to its end unless that line opens a block or
+goes on (ends in `:`, an open bracket, a comma, a backslash, `=>` or `->`, before or after the
+completion's first line: what follows belongs to it); cut what repeats the text after the
 cursor (the rest of the line, the next lines); cut where the model loops (below); replace, rather
 than duplicate, closing brackets and quotes the editor auto-inserted right of the cursor; no
 trailing whitespace; nothing empty.
@@ -61,6 +64,9 @@ def postprocess(
     multiline = is_multiline_position(line_after)
     lines = text.split("\n")
     lines = lines[:max(max_lines, 1) if multiline else 1]
+    if len(lines) > 1 and line_before.strip() and not _continues(line_before) \
+            and not _continues(line_before + lines[0]):
+        lines = lines[:1]
     lines = _cut_repeated_lines(lines, line_before, next_lines)
     lines = _cut_loops(lines, line_before)
     if not multiline:
@@ -72,6 +78,14 @@ def postprocess(
     if not text.strip():
         return None
     return _absorb_closers(text, line_before, line_after)
+
+
+_CONTINUES = (":", "(", "[", "{", ",", "\\", "=>", "->")
+
+
+def _continues(line: str) -> bool:
+    """Whether `line` opens a block or goes on into the next line."""
+    return line.rstrip().endswith(_CONTINUES)
 
 
 def _cut_repeated_lines(lines: list[str], line_before: str, next_lines: Sequence[str]) -> list[str]:

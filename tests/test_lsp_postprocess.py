@@ -131,3 +131,15 @@ def test_a_completion_ending_in_a_repeated_block_of_lines_is_cut():
 ])
 def test_legitimate_repeated_lines_are_kept(generated):
     assert _pp(generated) == Completion(generated.rstrip())
+
+
+def test_a_partly_typed_statement_is_completed_to_its_end_unless_it_opens_a_block():
+    gen = "append(item)\n\n    def get_lines(self):\n        return self.items"
+    assert _pp(gen, before="        self.items.") == Completion("append(item)")
+    # the line opens a block or goes on: what follows belongs to it
+    assert _pp("items):\n    return len(items)", before="def count(") == \
+        Completion("items):\n    return len(items)")
+    assert _pp("\n    return 1", before="def one():") == Completion("\n    return 1")
+    assert _pp("1,\n    2,\n]", before="x = [") == Completion("1,\n    2,\n]")
+    # on an empty line, several lines as before
+    assert _pp("x = 1\ny = 2", before="    ") == Completion("x = 1\ny = 2")
