@@ -16,14 +16,12 @@ Both write the same cache, so they mix freely.
 """
 from __future__ import annotations
 
-import logging
 import shutil
 
 import torch
 
 from .errors import InvalidParameter
-
-log = logging.getLogger(__name__)
+from .linear import PackedLinear
 
 MODES = ("off", "static", "compile", "cuda-graph")
 _MAX_GRAPHS = 8         # captured graphs kept (one per KV cache in use); the oldest is dropped
@@ -49,7 +47,7 @@ class DecodeStep:
         problems = decode_step_problems(mode, device)
         if problems:
             raise InvalidParameter("cannot use this decode step: " + "; ".join(problems))
-        if mode == "compile" and any(type(m).__name__ == "PackedLinear" for m in model.modules()):
+        if mode == "compile" and any(isinstance(m, PackedLinear) for m in model.modules()):
             raise InvalidParameter("cannot compile the decode step of a model whose linear layers "
                                    "were packed for oneDNN (load it again, or use linear='torch')")
         self.model, self.mode, self.device = model, mode, torch.device(device)
@@ -70,10 +68,6 @@ class DecodeStep:
             logits = self._fn(ids, position, cache)[0, -1]
         cache.advance_static()
         return logits
-
-    def forget(self, cache) -> None:
-        """Drop what was captured for `cache` (it was freed)."""
-        self._graphs.pop(id(cache), None)
 
     def _replay(self, cache, token: int) -> torch.Tensor:
         graph = self._graphs.get(id(cache))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from tokenizers import Encoding as _HFEncoding
 from tokenizers import Tokenizer as _HFTokenizer
 
-from stablelm_lsp.inference.api import PromptPart, SpecialTokens, join_parts
+from stablelm_lsp.inference.api import PromptPart, SpecialTokens, join_parts, prompt_text
 
 from .errors import CheckpointError
 
@@ -137,7 +137,7 @@ class Tokenizer:
         text, unless special-token text lies in (or across the edge of) a plain part. Such a
         part is then encoded on its own as plain text, the text around it on its own."""
         parts = join_parts(parts)
-        text = "".join(part.text for part in parts)
+        text = prompt_text(parts)
         isolated: list[tuple[int, int]] = []    # spans of plain parts holding special-token text
         matches = [m.span() for m in self._special_pattern.finditer(text)] \
             if self._special_pattern is not None else []
