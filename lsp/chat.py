@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
@@ -122,7 +122,7 @@ class ChatService:
     async def chat(self, *arguments: Any) -> dict:
         params = parse_params(arguments)
         cancel = threading.Event()
-        self._cancel_with_request(cancel)
+        answered = self._cancel_with_request(cancel)
         context = editor_context(self.server, params.context) if params.context else None
         backend = await self._backend(cancel)
         if backend is None:     # cancelled while the model loaded; pygls has answered already
@@ -145,9 +145,13 @@ class ChatService:
         loop = asyncio.get_running_loop()
         protocol = self.server.protocol
 
+        def send(delta: str) -> None:       # on the loop: nothing follows the cancelled answer
+            if not answered():
+                protocol.notify(CHAT_DELTA_NOTIFICATION, {"chatId": params.chat_id, "delta": delta})
+
         def on_delta(delta: str) -> None:   # on the engine's thread; protocol output from the loop
-            loop.call_soon_threadsafe(protocol.notify, CHAT_DELTA_NOTIFICATION,
-                                      {"chatId": params.chat_id, "delta": delta})
+            if not cancel.is_set():
+                loop.call_soon_threadsafe(send, delta)
 
         try:
             result = await backend.agenerate(request, cancel=cancel, on_delta=on_delta)
@@ -162,23 +166,27 @@ class ChatService:
         return {"chatId": params.chat_id, "text": result.text, "finishReason": result.finish_reason,
                 "promptTokens": result.prompt_tokens, "reusedTokens": result.reused_tokens}
 
-    def _cancel_with_request(self, cancel: threading.Event) -> None:
-        """Set `cancel` when the client cancels this executeCommand request.
+    def _cancel_with_request(self, cancel: threading.Event) -> Callable[[], bool]:
+        """Set `cancel` when the client cancels this executeCommand request; return a test,
+        for the event loop, of whether pygls has cancelled the request (and so answered it).
 
         pygls keeps the request's future under its id and cancels that future on $/cancelRequest
-        (answering RequestCancelled); the command coroutine runs in a task of its own that
-        nothing cancels. A request already gone from the table was answered before this
-        coroutine started: it was cancelled.
+        (answering RequestCancelled from a done callback); the command coroutine runs in a task
+        of its own that nothing cancels. `cancel` is set from a done callback too, one loop turn
+        after the future is cancelled, while the engine may still emit deltas: the test lets the
+        sender drop those, so no delta follows the answer. A request already gone from the
+        table was answered before this coroutine started: it was cancelled.
         """
         protocol = self.server.protocol
         msg_id = protocol.msg_id
         if msg_id is None:      # not called through a request (a direct call in-process)
-            return
+            return cancel.is_set
         future = protocol._request_futures.get(msg_id)
         if future is None:
             cancel.set()
-            return
+            return cancel.is_set
         future.add_done_callback(lambda f: cancel.set() if f.cancelled() else None)
+        return lambda: cancel.is_set() or future.cancelled()
 
     async def _backend(self, cancel: threading.Event) -> Backend | None:
         """The chat model (loaded now if the settings name one that is not loaded), else the
