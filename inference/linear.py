@@ -1,26 +1,31 @@
 """Which kernel the decoder's linear layers (and the output head) run on a CPU.
 
 Decoding is one token per pass: every linear layer is a matrix-vector product that reads each
-weight once, so its speed is the memory bandwidth the kernel reaches. torch's default CPU path
-(MKL sgemv through F.linear) reaches about 16 GB/s on one core of the machines here, while the
-same core reads memory at about 39 GB/s; oneDNN's linear kernel on weights packed once into its
-own blocked layout reaches about 24 GB/s, and it stays fast for the few positions a draft
-verification runs (measured: 4096x768 float32 layers, one thread: 32 ms -> 21 ms for 1 position,
-61 ms -> 37 ms for 8).
+weight once, so its speed is the memory bandwidth the kernel reaches. On the machines here (AMD
+EPYC, one thread; `python bench/linear_bench.py` measures it) torch's F.linear (MKL sgemv) reads
+weights at 11-16 GB/s while the core streams memory at 30-39 GB/s, and oneDNN's kernel on weights
+packed into its own blocked layout at 13-24 GB/s. The kernels:
 
-`pack_linears` replaces every nn.Linear of a models.Decoder with a `PackedLinear` holding the
-packed weight (the unpacked one is released; a tied output head gets a packed copy of the
-embedding, which the embedding lookup still needs). Results match F.linear to float rounding
-(the sums are accumulated in another order).
+- "rows": the project's own kernel (csrc/rows_linear.c, built at first use by cpu_kernels.py)
+  for passes of up to a few positions (decode steps, short draft verifications): it streams each
+  weight row once at close to the core's memory bandwidth (about 2x F.linear). Longer passes
+  (prefill chunks, long drafts) go to F.linear on the same weights: no second copy, and a tied
+  head reads the embedding table itself.
+- "onednn": `PackedLinear`, every layer packed once into oneDNN's layout (the unpacked weight is
+  released; a tied head gets a packed copy of the embedding, which the lookup still needs).
+  Fastest for long prefill chunks, slower than "rows" for decode steps.
+- "torch": F.linear everywhere.
 
-Chosen by "auto" on a CPU in float32 when torch was built with oneDNN and a self-check on a small
-layer agrees with F.linear; "torch" keeps F.linear; asking for "onednn" where it cannot run is an
-error.
+"auto" on a CPU in float32 is "rows" when a C compiler builds it and its self-check agrees with
+F.linear, else "onednn" when torch has oneDNN and its self-check passes, else "torch"; elsewhere
+(CUDA, other dtypes, a decode step compiled with torch.compile, which cannot trace either) it is
+"torch". Asking for a kernel that cannot run is an error. Results match F.linear to float
+rounding (the sums are accumulated in another order).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +35,17 @@ from .errors import InvalidParameter
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch", "onednn")
+KERNELS = ("auto", "torch", "onednn", "rows")
+# Longest pass the own kernel runs; longer ones go to F.linear (bench/linear_bench.py: where the
+# own kernel stops beating it on the machines here).
+ROWS_MAX_M = 16
 
 
 @dataclass(frozen=True)
 class LinearChoice:
-    name: str           # "torch" | "onednn"
+    name: str           # "torch" | "onednn" | "rows"
     reason: str
+    kernel: object = field(default=None, repr=False, compare=False)   # rows: cpu_kernels.RowsKernel
 
 
 class PackedLinear(nn.Module):
@@ -53,6 +62,52 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
+
+
+class RowsLinear(nn.Module):
+    """y = x W^T + b: the project's kernel for passes of up to `max_m` positions, F.linear on
+    the same weight for longer ones (inference only; the weight is shared, never copied)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel, max_m: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = _parameter(weight)
+        self.bias = None if bias is None else _parameter(bias)
+        self.kernel = kernel
+        self.max_m = min(max_m, kernel.max_m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.numel() // self.in_features
+        if m > self.max_m or x.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        x = x.contiguous()
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        self.kernel(x, self.weight, self.bias, y, m, self.out_features, self.in_features)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"own kernel up to {self.max_m} positions")
+
+
+def _parameter(t: torch.Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+def rows_problems(device: torch.device, dtype: torch.dtype):
+    """(kernel, []) when the project's kernel can run here, else (None, [why not])."""
+    problems = []
+    if device.type != "cpu":
+        problems.append(f"the own linear kernel is for CPUs (this is {device.type})")
+    if dtype != torch.float32:
+        problems.append(f"the own linear kernel is for float32 (the model runs in "
+                        f"{str(dtype).removeprefix('torch.')})")
+    if problems:
+        return None, problems
+    from .cpu_kernels import load_rows_linear
+
+    kernel = load_rows_linear()
+    return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
 
 
 def onednn_problems(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -89,19 +144,31 @@ def _self_check() -> str | None:
 def select_linear(requested: str, device: torch.device, dtype: torch.dtype,
                   compiled: bool = False) -> LinearChoice:
     """compiled: the decode step is compiled with torch.compile, whose CPU backend packs weights
-    its own way (and cannot lower layers packed here)."""
+    its own way (and can trace neither the packed layers nor the own kernel's ctypes call)."""
     if requested not in KERNELS:
         raise InvalidParameter(f"unknown linear kernel {requested!r} (choose from {', '.join(KERNELS)})")
     if requested == "torch":
         return LinearChoice("torch", "requested")
-    problems = onednn_problems(device, dtype)
     if compiled:
-        problems.insert(0, "the decode step is compiled with torch.compile")
-    if not problems:
-        return LinearChoice("onednn", "requested" if requested == "onednn" else "CPU, float32, oneDNN available")
+        if requested != "auto":
+            raise InvalidParameter(f"cannot use the {requested!r} linear kernel: the decode step "
+                                   "is compiled with torch.compile")
+        return LinearChoice("torch", "the decode step is compiled with torch.compile")
+    problems = []
+    if requested in ("auto", "rows"):
+        kernel, problems = rows_problems(device, dtype)
+        if kernel is not None:
+            return LinearChoice("rows", "requested" if requested == "rows" else
+                                "CPU, float32, own kernel built", kernel)
+        if requested == "rows":
+            raise InvalidParameter("cannot use the own linear kernel: " + "; ".join(problems))
+    onednn = onednn_problems(device, dtype)
+    if not onednn:
+        return LinearChoice("onednn", "requested" if requested == "onednn" else
+                            "CPU, float32, oneDNN available" + (f" ({problems[0]})" if problems else ""))
     if requested == "onednn":
-        raise InvalidParameter("cannot use packed oneDNN linear layers: " + "; ".join(problems))
-    return LinearChoice("torch", problems[0])
+        raise InvalidParameter("cannot use packed oneDNN linear layers: " + "; ".join(onednn))
+    return LinearChoice("torch", (problems or onednn)[0])
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -121,9 +188,29 @@ def pack_linears(model: nn.Module) -> int:
     return packed
 
 
+def rows_linears(model: nn.Module, kernel, max_m: int = ROWS_MAX_M) -> int:
+    """Replace model's nn.Linear layers by RowsLinear on the same weights (a models.Decoder's
+    tied head reads the embedding table itself); returns how many layers were replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, RowsLinear(child.weight, child.bias, kernel, max_m))
+                replaced += 1
+    if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
+        model.lm_head = RowsLinear(model.embed.weight, None, kernel, max_m)
+        model.head_is_tied_copy = True      # tied still; the "copy" shares the embedding's storage
+        replaced += 1
+    return replaced
+
+
 def install(model: nn.Module, choice: LinearChoice) -> None:
     if choice.name == "onednn":
         count = pack_linears(model)
         log.debug("linear layers: oneDNN packed (%d layers; %s)", count, choice.reason)
+    elif choice.name == "rows":
+        count = rows_linears(model, choice.kernel)
+        log.debug("linear layers: own kernel up to %d positions, F.linear beyond (%d layers; %s)",
+                  ROWS_MAX_M, count, choice.reason)
     else:
         log.debug("linear layers: torch (%s)", choice.reason)
