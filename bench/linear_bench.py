@@ -2,8 +2,9 @@
 
 For passes of M positions through a stack of distinct float32 layers too large for the caches
 (as a decode step meets them), the time per layer of torch's F.linear, of oneDNN on packed
-weights and of the project's own kernel, with the weight bytes read per second; and the core's
-plain read bandwidth (a large tensor sum) as the ceiling. Everything is measured in the same run.
+weights and of the "rows" layers (the project's own kernel up to 16 positions, oneDNN on the
+plain weights beyond), with the weight bytes read per second; and the machine's plain read
+bandwidth (a large tensor sum) as the ceiling. Everything is measured in the same run.
 
     python bench/linear_bench.py [--threads N] [--out 2048] [--in 768] [--layers 100]
 """
@@ -33,13 +34,13 @@ def main() -> None:
     ap.add_argument("--out", type=int, default=2048)
     ap.add_argument("--in", dest="in_", type=int, default=768)
     ap.add_argument("--layers", type=int, default=100)
-    ap.add_argument("--positions", default="1,2,3,4,6,8,9,12,17,64")
+    ap.add_argument("--positions", default="1,2,4,8,9,12,16,17,64,256")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from stablelm_lsp.inference.cpu_kernels import load_rows_linear
-    from stablelm_lsp.inference.linear import PackedLinear, RowsLinear, onednn_problems
+    from stablelm_lsp.inference.linear import ROWS_MAX_M, PackedLinear, RowsLinear, onednn_problems
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(args.out, args.in_, generator=g) for _ in range(args.layers)]
@@ -48,14 +49,16 @@ def main() -> None:
     read = big.nbytes / _per_call(lambda: big.sum(), 1)
     del big
     kernels = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in weights]}
-    if not onednn_problems(torch.device("cpu"), torch.float32):
-        packed = [PackedLinear(w, None) for w in weights]
-        kernels["oneDNN packed"] = packed
+    onednn = not onednn_problems(torch.device("cpu"), torch.float32)
+    if onednn:
+        kernels["oneDNN packed"] = [PackedLinear(w, None) for w in weights]
     own = load_rows_linear()
     if isinstance(own, str):
         print(f"own kernel unavailable: {own}")
     else:
-        kernels["own (rows)"] = [RowsLinear(w, None, own, max_m=1 << 30) for w in weights]
+        # as the engine installs it: the own kernel up to ROWS_MAX_M positions, then oneDNN on
+        # the plain weight (or F.linear without oneDNN)
+        kernels["rows (as installed)"] = [RowsLinear(w, None, own, ROWS_MAX_M, onednn) for w in weights]
 
     print(f"{args.layers} layers of {args.out}x{args.in_} float32 ({nbytes / 2**20:.1f} MiB each), "
           f"{torch.get_num_threads()} threads; read bandwidth (sum) {read / 1e9:.1f} GB/s")

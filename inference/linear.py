@@ -7,13 +7,14 @@ weights at 11-16 GB/s while the core streams memory at 30-39 GB/s, and oneDNN's 
 packed into its own blocked layout at 13-24 GB/s. The kernels:
 
 - "rows": the project's own kernel (csrc/rows_linear.c, built at first use by cpu_kernels.py)
-  for passes of up to a few positions (decode steps, short draft verifications): it streams each
-  weight row once at close to the core's memory bandwidth (about 2x F.linear). Longer passes
-  (prefill chunks, long drafts) go to F.linear on the same weights: no second copy, and a tied
-  head reads the embedding table itself.
+  for passes of up to 12 positions (decode steps, draft verifications): it streams each weight
+  row once at close to the core's memory bandwidth (2-4x F.linear, about 2x oneDNN packed, for
+  one position). Longer passes (prefill chunks) go to oneDNN on the same, unpacked weights
+  (as fast as on packed ones there), else F.linear: no second copy, and a tied head reads the
+  embedding table itself.
 - "onednn": `PackedLinear`, every layer packed once into oneDNN's layout (the unpacked weight is
   released; a tied head gets a packed copy of the embedding, which the lookup still needs).
-  Fastest for long prefill chunks, slower than "rows" for decode steps.
+  As fast as "rows" for long prefill chunks, about half as fast for decode steps.
 - "torch": F.linear everywhere.
 
 "auto" on a CPU in float32 is "rows" when a C compiler builds it and its self-check agrees with
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 KERNELS = ("auto", "torch", "onednn", "rows")
 # Longest pass the own kernel runs; longer ones go to F.linear (bench/linear_bench.py: where the
 # own kernel stops beating it on the machines here).
-ROWS_MAX_M = 16
+ROWS_MAX_M = 12
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,24 @@ class RowsLinear(nn.Module):
     """y = x W^T + b: the project's kernel for passes of up to `max_m` positions, F.linear on
     the same weight for longer ones (inference only; the weight is shared, never copied)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel, max_m: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel, max_m: int,
+                 onednn: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = _parameter(weight)
         self.bias = None if bias is None else _parameter(bias)
         self.kernel = kernel
         self.max_m = min(max_m, kernel.max_m)
+        self.onednn = onednn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = x.numel() // self.in_features
         if m > self.max_m or x.dtype != torch.float32 or x.device.type != "cpu":
+            if self.onednn and x.dtype == torch.float32 and x.device.type == "cpu":
+                # oneDNN on the plain weight: as fast as on a packed one for long passes
+                # (bench/linear_bench.py), without a second copy of the weights
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias,
+                                                          "none", [], "")
             return F.linear(x, self.weight, self.bias)
         x = x.contiguous()
         y = x.new_empty(*x.shape[:-1], self.out_features)
@@ -192,13 +200,14 @@ def rows_linears(model: nn.Module, kernel, max_m: int = ROWS_MAX_M) -> int:
     """Replace model's nn.Linear layers by RowsLinear on the same weights (a models.Decoder's
     tied head reads the embedding table itself); returns how many layers were replaced."""
     replaced = 0
+    onednn = not onednn_problems(torch.device("cpu"), torch.float32)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, RowsLinear(child.weight, child.bias, kernel, max_m))
+                setattr(parent, name, RowsLinear(child.weight, child.bias, kernel, max_m, onednn))
                 replaced += 1
     if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
-        model.lm_head = RowsLinear(model.embed.weight, None, kernel, max_m)
+        model.lm_head = RowsLinear(model.embed.weight, None, kernel, max_m, onednn)
         model.head_is_tied_copy = True      # tied still; the "copy" shares the embedding's storage
         replaced += 1
     return replaced
