@@ -1,6 +1,11 @@
-"""Which attention kernel the decoder runs, and the flash-attn 2 kernel for CUDA.
+"""Which attention kernel the decoder runs: torch SDPA, the project's own CPU kernel for decode
+steps, flash-attn 2 on CUDA.
 
-torch SDPA (models.decoder.sdpa_attention) is the default on every device. flash-attn 2 is used
+torch SDPA (models.decoder.sdpa_attention) runs wherever nothing better does. On a CPU in
+float32, "cpu" (chosen by auto when a C compiler builds it, inference/cpu_kernels.py) runs steps
+of up to 16 positions (decode steps, draft verifications) with csrc/decode_attention.c, which
+reads the cached keys and values once at close to the core's memory bandwidth (torch's SDPA
+reaches about half of it for one query); prefill chunks stay on SDPA. flash-attn 2 is used
 on CUDA when it is installed and the dtype is float16/bfloat16: its `flash_attn_with_kvcache`
 appends this step's keys/values to the cache and attends in one kernel, with
 `window_size=(W - 1, 0)` for sliding-window models (StarCoder2), reading only the window.
@@ -16,7 +21,7 @@ linear cache, and the window keeps the kernel away from pages that have been reu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,15 +29,17 @@ from .errors import AttentionUnavailable
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "sdpa", "flash")
+KERNELS = ("auto", "sdpa", "flash", "cpu")
+CPU_MAX_POSITIONS = 16  # longer steps (prefill chunks) go to SDPA
 FLASH_PAGE = 256        # flash-attn's paged caches need pages of a multiple of 256 positions
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class AttentionChoice:
-    name: str           # "sdpa" | "flash"
+    name: str           # "sdpa" | "flash" | "cpu"
     reason: str         # why, for the log: what ruled flash out, or that it was chosen/requested
+    kernel: object = field(default=None, repr=False, compare=False)   # cpu: the compiled kernel
 
 
 def flash_problems(device: torch.device, dtype: torch.dtype, head_dim: int, *,
@@ -75,11 +82,60 @@ def flash_installed() -> bool:
     return True
 
 
+def cpu_problems(device: torch.device, dtype: torch.dtype):
+    """(kernel, []) when the own CPU attention kernel can run here, else (None, [why not])."""
+    problems = []
+    if device.type != "cpu":
+        problems.append(f"the own attention kernel is for CPUs (this is {device.type})")
+    if dtype != torch.float32:
+        problems.append(f"the own attention kernel is for float32 (the model runs in "
+                        f"{str(dtype).removeprefix('torch.')})")
+    if problems:
+        return None, problems
+    from .cpu_kernels import load_decode_attention
+
+    kernel = load_decode_attention()
+    return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
+
+
 def select_attention(requested: str, device: torch.device, dtype: torch.dtype, config) -> AttentionChoice:
+    if requested in ("auto", "cpu") and (device.type == "cpu" or requested == "cpu"):
+        kernel, problems = cpu_problems(device, dtype)
+        if kernel is not None:
+            return AttentionChoice("cpu", "requested" if requested == "cpu" else
+                                   "CPU, float32, own kernel built", kernel)
+        if requested == "cpu":
+            raise AttentionUnavailable("cannot use the own CPU attention kernel: " + "; ".join(problems))
+        return AttentionChoice("sdpa", problems[0])
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     problems = flash_problems(device, dtype, config.head_dim, installed=flash_installed(),
                               capability=capability)
     return choose(requested, problems)
+
+
+class CpuDecodeAttention:
+    """A Decoder.attention kernel (see models.decoder.sdpa_attention for the contract): the own
+    kernel for steps of up to CPU_MAX_POSITIONS positions of one sequence, SDPA otherwise."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, q, key, value, layer: int, cache, attn):
+        import torch.nn.functional as F
+
+        if cache is not None:
+            key, value = cache.write(layer, key, value, attn)
+        batch, heads, t, dim = q.shape
+        kv_heads, s = key.shape[1], key.shape[2]
+        if (batch != 1 or t > CPU_MAX_POSITIONS or attn.is_causal or q.dtype != torch.float32
+                or key.stride(3) != 1 or key.stride(2) != dim or value.stride() != key.stride()):
+            return F.scaled_dot_product_attention(q, key, value, attn_mask=attn.mask,
+                                                  is_causal=attn.is_causal, enable_gqa=heads != kv_heads)
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        mask = None if attn.mask is None else attn.mask.contiguous().view(torch.uint8)
+        self.kernel(q, key, value, mask, out, heads, kv_heads, t, s, dim, key.stride(1), dim ** -0.5)
+        return out
 
 
 def ring_capacity(window: int, step: int, kernel: str) -> int:
@@ -146,7 +202,12 @@ def install(model, config, choice: AttentionChoice) -> None:
     """Make the decoder run the chosen kernel."""
     from stablelm_lsp.models.decoder import sdpa_attention
 
-    model.attention = FlashAttention(config) if choice.name == "flash" else sdpa_attention
-    # Only news on a GPU: on a CPU, SDPA is the one kernel there is.
+    if choice.name == "flash":
+        model.attention = FlashAttention(config)
+    elif choice.name == "cpu":
+        model.attention = CpuDecodeAttention(choice.kernel)
+    else:
+        model.attention = sdpa_attention
+    # Only news on a GPU (on a CPU the choice is logged at debug level).
     on_gpu = next(model.parameters()).device.type == "cuda"
     (log.info if on_gpu else log.debug)("attention kernel: %s (%s)", choice.name, choice.reason)

@@ -1,8 +1,9 @@
-"""The project's own CPU kernel (csrc/rows_linear.c), built with the machine's C compiler at first
-use and loaded with ctypes.
+"""The project's own CPU kernels, built with the machine's C compiler at first use and loaded with
+ctypes: csrc/rows_linear.c (linear layers for a few positions, inference/linear.py) and
+csrc/decode_attention.c (attention of a few positions over the KV cache, inference/attention.py).
 
-No build step at install time and no dependency: the source ships with the package; the first
-engine that wants the kernel compiles it (about 0.3 s) with `-O3 -march=native` into the user's
+No build step at install time and no dependency: the sources ship with the package; the first
+engine that wants a kernel compiles it (under a second) with `-O3 -march=native` into the user's
 cache directory ($STABLELM_LSP_CACHE, else $XDG_CACHE_HOME/stablelm-lsp, else ~/.cache/stablelm-lsp),
 under a name derived from the source, the flags, the compiler and the machine, so a changed
 source or another CPU gets a fresh build. The library is linked against OpenMP when the compiler
@@ -30,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "rows_linear.c"
+CSRC = Path(__file__).with_name("csrc")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 
 
@@ -48,8 +49,22 @@ class RowsKernel:
             raise RuntimeError(f"rows_linear refused m={m} n={n} k={k}")
 
 
+@dataclass
+class AttentionKernel:
+    fn: ctypes._CFuncPtr
+    path: Path
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 out: torch.Tensor, heads: int, kv_heads: int, t: int, s: int, d: int,
+                 head_stride: int, scale: float) -> None:
+        rc = self.fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                     out.data_ptr(), heads, kv_heads, t, s, d, head_stride, scale, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"decode_attention refused heads={heads}/{kv_heads} t={t} s={s} d={d}")
+
+
 _lock = threading.Lock()
-_loaded: RowsKernel | str | None = None     # the kernel, or why there is none
+_loaded: dict[str, object] = {}     # name -> the kernel, or why there is none
 
 
 def cache_dir() -> Path:
@@ -85,19 +100,20 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> tuple[Path | None, str]:
-    source = SOURCE.read_bytes()
+def _build(cc: str, name: str) -> tuple[Path | None, str]:
+    source_path = CSRC / f"{name}.c"
+    source = source_path.read_bytes()
     ident = "\n".join([_compiler_id(cc), platform.machine(), _cpu_id()])
     errors = []
     for flags in _FLAG_SETS:
         digest = hashlib.sha256(source + ident.encode() + " ".join(flags).encode()).hexdigest()[:16]
-        target = cache_dir() / f"rows_linear-{digest}.so"
+        target = cache_dir() / f"{name}-{digest}.so"
         if target.exists():
             return target, " ".join(flags)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE)]
+            cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(source_path)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                       stdin=subprocess.DEVNULL)
@@ -113,7 +129,7 @@ def _build(cc: str) -> tuple[Path | None, str]:
     return None, "; ".join(errors)
 
 
-def _self_check(kernel: RowsKernel) -> str | None:
+def _check_rows(kernel: RowsKernel) -> str | None:
     """Against F.linear on odd shapes (a K that is not a multiple of 16, a bias, every M)."""
     import torch.nn.functional as F
 
@@ -130,48 +146,83 @@ def _self_check(kernel: RowsKernel) -> str | None:
     return None
 
 
+def _check_attention(kernel: AttentionKernel) -> str | None:
+    """Against SDPA: GQA, several positions under a mask, a head size off the 16-lane width."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, t, s, d, capacity = 6, 2, 3, 70, 24, 96
+    k = torch.randn(1, kv_heads, capacity, d, generator=g)[:, :, :s]
+    v = torch.randn(1, kv_heads, capacity, d, generator=g)[:, :, :s]
+    q = torch.randn(1, heads, t, d, generator=g)
+    mask = torch.rand(t, s, generator=g) > 0.3
+    mask[:, 0] = True
+    for m in (mask, None):
+        out = torch.empty_like(q)
+        kernel(q, k, v, None if m is None else m.view(torch.uint8), out, heads, kv_heads, t, s, d,
+               k.stride(1), d ** -0.5)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+        if not torch.allclose(out, want, atol=1e-4, rtol=1e-4):
+            return "the compiled attention kernel disagrees with SDPA"
+    return None
+
+
 def load_rows_linear() -> RowsKernel | str:
-    """The kernel, built if needed; or a sentence saying why it cannot be used here."""
-    global _loaded
+    """The linear kernel, built if needed; or a sentence saying why it cannot be used here."""
+    return _get("rows_linear")
+
+
+def load_decode_attention() -> AttentionKernel | str:
+    """The attention kernel, built if needed; or a sentence saying why it cannot be used here."""
+    return _get("decode_attention")
+
+
+def _get(name: str):
     with _lock:
-        if _loaded is None:
-            _loaded = _load()
-            if isinstance(_loaded, str):
-                log.info("own CPU linear kernel not available: %s", _loaded)
-        return _loaded
+        if name not in _loaded:
+            _loaded[name] = _load(name)
+            if isinstance(_loaded[name], str):
+                log.info("own CPU kernel %s not available: %s", name, _loaded[name])
+        return _loaded[name]
 
 
-def _load() -> RowsKernel | str:
+def _load(name: str):
     if os.environ.get("STABLELM_LSP_NO_CC"):
         return "STABLELM_LSP_NO_CC is set"
-    if not SOURCE.exists():
-        return f"kernel source missing ({SOURCE})"
+    source = CSRC / f"{name}.c"
+    if not source.exists():
+        return f"kernel source missing ({source})"
     cc = _compiler()
     if cc is None:
         return "no C compiler (cc, gcc or clang) on PATH"
     try:
-        path, detail = _build(cc)
+        path, detail = _build(cc, name)
     except OSError as exc:
         return f"cannot build in {cache_dir()}: {exc}"
     if path is None:
-        return f"{cc} could not build {SOURCE.name} ({detail})"
+        return f"{cc} could not build {source.name} ({detail})"
     try:
         lib = ctypes.CDLL(str(path))
-        fn = lib.rows_linear
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
-        lib.rows_linear_max_m.restype = ctypes.c_int
-        kernel = RowsKernel(fn, lib.rows_linear_max_m(), path)
+        if name == "rows_linear":
+            fn = lib.rows_linear
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+            fn.restype = ctypes.c_int
+            lib.rows_linear_max_m.restype = ctypes.c_int
+            kernel, check = RowsKernel(fn, lib.rows_linear_max_m(), path), _check_rows
+        else:
+            fn = lib.decode_attention
+            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            kernel, check = AttentionKernel(fn, path), _check_attention
     except (OSError, AttributeError) as exc:
         return f"cannot load {path}: {exc}"
-    problem = _self_check(kernel)
+    problem = check(kernel)
     if problem:
         return problem
-    log.debug("own CPU linear kernel: %s (%s)", path, detail)
+    log.debug("own CPU kernel %s: %s (%s)", name, path, detail)
     return kernel
 
 
 def reset_for_tests() -> None:
-    global _loaded
     with _lock:
-        _loaded = None
+        _loaded.clear()

@@ -70,10 +70,10 @@ class Engine:
                  attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
                  linear: str = "auto", decode_step: str = "off"):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
-        attention: auto | sdpa | flash (inference/attention.py); the engine installs it in the model.
+        attention: auto | sdpa | flash | cpu (inference/attention.py); the engine installs it in the model.
         prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with.
         draft_tokens: most draft tokens verified per pass (0: no speculation; default per device).
-        linear: auto | torch | onednn: the CPU kernel of the linear layers (inference/linear.py).
+        linear: auto | torch | onednn | rows: the CPU kernel of the linear layers (inference/linear.py).
         decode_step: off | static | compile | cuda-graph: how single-token steps run
         (inference/captured.py; opt-in)."""
         self.prefix_reuse = prefix_reuse

@@ -24,8 +24,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: the checkpoint's dtype on GPU, float32 on CPU")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin pickle weights (loaded with weights_only=True)")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"],
-                   help="attention kernel: auto (flash-attn on CUDA when installed), sdpa, flash")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "cpu"],
+                   help="attention kernel: auto (flash-attn on CUDA when installed, the own kernel "
+                        "for decode steps on a CPU), sdpa, flash, cpu")
     p.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",

@@ -101,7 +101,7 @@ _RANGES = {
     "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
 _CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
-            "attention": ("auto", "sdpa", "flash"),
+            "attention": ("auto", "sdpa", "flash", "cpu"),
             "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 

@@ -1,4 +1,5 @@
-"""Attention kernel selection (on CPU) and the flash-attn kernel against SDPA (CUDA only)."""
+"""Attention kernel selection (on CPU), the own CPU decode kernel against SDPA, and the flash-attn
+kernel against SDPA (CUDA only)."""
 from __future__ import annotations
 
 import random
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from stablelm_lsp.inference.api import GenerationError
-from stablelm_lsp.inference.attention import (FLASH_PAGE, AttentionChoice, choose, flash_installed,
-                                              flash_problems, ring_capacity, select_attention)
+from stablelm_lsp.inference import cpu_kernels
+from stablelm_lsp.inference.attention import (FLASH_PAGE, AttentionChoice, CpuDecodeAttention, choose,
+                                              cpu_problems, flash_installed, flash_problems,
+                                              ring_capacity, select_attention)
 from stablelm_lsp.inference.engine import Engine
 from stablelm_lsp.inference.errors import AttentionUnavailable
 from stablelm_lsp.models import load_model
@@ -35,20 +38,89 @@ def test_flash_is_chosen_only_where_it_can_run():
         with pytest.raises(AttentionUnavailable, match=expected):
             choose("flash", problems)
     assert choose("sdpa", []) == AttentionChoice("sdpa", "requested")
-    with pytest.raises(AttentionUnavailable, match="choose from auto, sdpa, flash"):
+    with pytest.raises(AttentionUnavailable, match="choose from auto, sdpa, flash, cpu"):
         choose("xformers", [])
 
 
-def test_cpu_engine_runs_sdpa_and_refuses_flash(stablelm_checkpoint):
+def test_cpu_engine_runs_the_own_kernel_or_sdpa_and_refuses_flash(stablelm_checkpoint):
     loaded = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
     choice = select_attention("auto", loaded.device, loaded.dtype, loaded.config)
-    assert choice.name == "sdpa" and "CUDA" in choice.reason
+    # CI and the README's set-up run where a C compiler is: the own kernel must build there.
+    assert choice.name == "cpu", choice.reason
+    assert select_attention("auto", loaded.device, torch.bfloat16, loaded.config).name == "sdpa"
+    with pytest.raises(AttentionUnavailable, match="own CPU attention kernel.*CPUs"):
+        select_attention("cpu", CUDA, torch.float32, loaded.config)
     with pytest.raises(AttentionUnavailable) as info:
         Engine(loaded, attention="flash")
     assert isinstance(info.value, GenerationError)
     with Engine(loaded) as engine:
-        assert engine.attention.name == "sdpa" and loaded.model.attention is sdpa_attention
+        assert engine.attention.name == "cpu" and isinstance(loaded.model.attention, CpuDecodeAttention)
         assert len(engine.generate([7, 8, 9], max_new_tokens=3).token_ids) == 3
+    loaded = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
+    with Engine(loaded, attention="sdpa") as engine:
+        assert engine.attention.name == "sdpa" and loaded.model.attention is sdpa_attention
+
+
+def test_without_a_compiler_the_cpu_falls_back_to_sdpa(monkeypatch, tmp_path, stablelm_checkpoint):
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("STABLELM_LSP_CACHE", str(tmp_path / "cache"))
+    cpu_kernels.reset_for_tests()
+    try:
+        loaded = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
+        choice = select_attention("auto", loaded.device, loaded.dtype, loaded.config)
+        assert choice.name == "sdpa" and "no C compiler" in choice.reason
+        with pytest.raises(AttentionUnavailable, match="no C compiler"):
+            select_attention("cpu", loaded.device, loaded.dtype, loaded.config)
+    finally:
+        cpu_kernels.reset_for_tests()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_own_cpu_kernel_matches_sdpa(threads):
+    kernel, problems = cpu_problems(torch.device("cpu"), torch.float32)
+    assert kernel is not None, problems
+    attention = CpuDecodeAttention(kernel)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    try:
+        # MHA one query; GQA with a draft under a mask; head sizes on and off 16 lanes; a key
+        # count that is not a multiple of the kernel's 64-key blocks; a row where a large score
+        # comes late (the running maximum is rescaled)
+        for heads, kv_heads, t, s, dim in [(12, 12, 1, 1500, 64), (8, 2, 5, 300, 80), (4, 4, 3, 37, 24),
+                                           (6, 2, 16, 129, 16), (2, 1, 1, 200, 256)]:
+            cache_k = torch.randn(1, kv_heads, s + 40, dim, generator=g)
+            cache_v = torch.randn(1, kv_heads, s + 40, dim, generator=g)
+            cache_k[:, :, s - 1] *= 8
+            key, value = cache_k[:, :, :s], cache_v[:, :, :s]
+            q = torch.randn(1, t, heads, dim, generator=g).transpose(1, 2)     # not contiguous
+            mask = None
+            if t > 1:
+                mask = torch.rand(t, s, generator=g) > 0.4
+                mask[:, 0] = True
+            attn = type("Attn", (), {"mask": mask, "is_causal": False})()
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q, key, value, attn_mask=mask, enable_gqa=heads != kv_heads)
+            got = attention(q, key, value, 0, None, attn)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_engine_tokens_do_not_depend_on_the_attention_kernel(checkpoint_factory):
+    """Decode steps, drafts and sliding-window rings through the own kernel give SDPA's tokens."""
+    for variant in ("stablelm-2-12b", "starcoder2"):    # GQA + qk-norm; GQA + a wrapping ring
+        path = checkpoint_factory(variant)
+        prompt = random.Random(2).sample(range(7, 500), 60)
+        results = {}
+        for kernel in ("sdpa", "cpu"):
+            with Engine(load_model(path, device="cpu", dtype="float32"), attention=kernel) as engine:
+                first = engine.generate(prompt, max_new_tokens=40, key="doc")
+                # the same document again: the previous completion is the draft
+                again = engine.generate(prompt + first.token_ids[:3], max_new_tokens=30, key="doc")
+                results[kernel] = (first.token_ids, again.token_ids, again.accepted_tokens > 0)
+        assert results["cpu"] == results["sdpa"], variant
+        assert results["cpu"][2], "the second request verified no draft"
 
 
 def test_every_layer_calls_the_installed_kernel(stablelm_checkpoint):

@@ -1,0 +1,157 @@
+/* Attention of a few query positions (a decode step, a draft verification) over a KV cache, in
+ * float32, for one sequence: out = softmax(q K^T * scale + mask) V.
+ *
+ * With one query per head the work is reading the cache's keys and values once, so the speed is
+ * again memory bandwidth. Each (KV head, block of queries) task streams its keys and values in
+ * blocks of BK positions, flash-attention style: the scores of a block, a running maximum and
+ * sum per query, the output accumulated in registers-sized rows and rescaled when the maximum
+ * grows. The queries of a GQA group share one read of their KV head. exp is a vectorised
+ * polynomial (relative error about 2e-7), so results match torch's SDPA to float rounding.
+ *
+ * Layouts: q [H, T, D] contiguous; k, v: [KH, S, D] with rows D apart and heads `head_stride`
+ * apart (a view of the cache's [KH, capacity, D] buffer); mask [T, S] bytes (1 = attend) or NULL
+ * (every query attends to every key); out [H, T, D] contiguous.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int i16v __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+#define BK 64           /* keys per block */
+#define MAX_ROWS 16     /* queries per task (GQA group x positions) */
+#define MAX_D 256
+
+static inline float hsum(v16 v) {
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* e^x for x <= 0 (scores minus their maximum), 16 lanes: 2^n * p(r), |r| <= ln2/2. */
+static inline v16 vexp(v16 x) {
+    const v16 lo = (v16){0} - 87.0f;
+    i16v small = x < lo;                      /* below this the result underflows to ~0 anyway */
+    x = (v16)(((i16v)lo & small) | ((i16v)x & ~small));
+    v16 n = x * 1.44269504088896341f;         /* x / ln 2 */
+    v16 nf = (n + 12582912.0f) - 12582912.0f; /* rounded to the nearest integer (|n| < 2^22) */
+    v16 r = x - nf * 0.693145751953125f - nf * 1.428606765330187045e-6f;
+    v16 p = (v16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i16v e = __builtin_convertvector(nf, i16v);
+    e = (e + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+static inline float dot(const float *a, const float *b, long d) {
+    v16 acc = {0};
+    long i = 0;
+    for (; i + 16 <= d; i += 16) acc += *(const v16u *)(a + i) * *(const v16u *)(b + i);
+    float s = hsum(acc);
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* rows: queries (pointers into q and out), each with its position index t for the mask. */
+static void attend(const float *const *qs, float *const *outs, const long *ts, int rows,
+                   const float *k, const float *v, const unsigned char *mask, long S, long D,
+                   float scale) {
+    float m[MAX_ROWS], l[MAX_ROWS];
+    float acc[MAX_ROWS][MAX_D] __attribute__((aligned(64)));
+    float p[MAX_ROWS][BK] __attribute__((aligned(64)));
+    for (int r = 0; r < rows; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+        memset(acc[r], 0, sizeof(float) * D);
+    }
+    for (long j0 = 0; j0 < S; j0 += BK) {
+        long nb = S - j0 < BK ? S - j0 : BK;
+        for (int r = 0; r < rows; r++) {
+            const unsigned char *mr = mask ? mask + ts[r] * S + j0 : NULL;
+            float bmax = -INFINITY;
+            for (long j = 0; j < nb; j++) {
+                float s = (mr && !mr[j]) ? -INFINITY : dot(qs[r], k + (j0 + j) * D, D) * scale;
+                p[r][j] = s;
+                bmax = s > bmax ? s : bmax;
+            }
+            for (long j = nb; j < BK; j++) p[r][j] = -INFINITY;
+            float mnew = bmax > m[r] ? bmax : m[r];
+            if (mnew == -INFINITY) {          /* nothing attended yet */
+                for (long j = 0; j < BK; j++) p[r][j] = 0.f;
+                continue;
+            }
+            float corr = m[r] == -INFINITY ? 0.f : expf(m[r] - mnew);
+            float sum = 0.f;
+            for (long j = 0; j < BK; j += 16) {
+                v16 s = *(v16 *)(p[r] + j) - mnew;
+                v16 e = vexp(s);
+                v16 keep = (v16)((i16v)e & (s > -INFINITY));
+                *(v16 *)(p[r] + j) = keep;
+                sum += hsum(keep);
+            }
+            l[r] = l[r] * corr + sum;
+            m[r] = mnew;
+            if (corr != 1.f)
+                for (long d = 0; d < D; d++) acc[r][d] *= corr;
+        }
+        /* acc[r] += sum_j p[r][j] * v[j]: each value row read once for all rows */
+        for (long j = 0; j < nb; j++) {
+            const float *vr = v + (j0 + j) * D;
+            for (int r = 0; r < rows; r++) {
+                float w = p[r][j];
+                if (w == 0.f) continue;
+                long d = 0;
+                for (; d + 16 <= D; d += 16)
+                    *(v16 *)(acc[r] + d) += *(const v16u *)(vr + d) * w;
+                for (; d < D; d++) acc[r][d] += vr[d] * w;
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        for (long d = 0; d < D; d++) outs[r][d] = acc[r][d] * inv;
+    }
+}
+
+int decode_attention_max_rows(void) { return MAX_ROWS; }
+
+/* Returns 0, or 1 when the shapes are outside what this kernel handles (the caller uses SDPA). */
+int decode_attention(const float *q, const float *k, const float *v, const unsigned char *mask,
+                     float *out, long H, long KH, long T, long S, long D, long head_stride,
+                     float scale, int threads) {
+    if (H < 1 || KH < 1 || H % KH || T < 1 || S < 1 || D < 1 || D > MAX_D) return 1;
+    long group = H / KH, rows_per_head = group * T;
+    long blocks = (rows_per_head + MAX_ROWS - 1) / MAX_ROWS;
+    long tasks = KH * blocks;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tasks > 1)
+#endif
+    for (long task = 0; task < tasks; task++) {
+        long kh = task / blocks, b = task % blocks;
+        const float *qs[MAX_ROWS];
+        float *outs[MAX_ROWS];
+        long ts[MAX_ROWS];
+        int rows = 0;
+        for (long i = b * MAX_ROWS; i < rows_per_head && rows < MAX_ROWS; i++, rows++) {
+            long h = kh * group + i / T, t = i % T;
+            qs[rows] = q + (h * T + t) * D;
+            outs[rows] = out + (h * T + t) * D;
+            ts[rows] = t;
+        }
+        attend(qs, outs, ts, rows, k + kh * head_stride, v + kh * head_stride, mask, S, D, scale);
+    }
+    (void)threads;
+    return 0;
+}
