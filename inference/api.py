@@ -105,6 +105,11 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()      # stop strings (matched across token boundaries)
     use_model_stops: bool = True    # also stop at EOS and the family's stop tokens
     max_lines: int | None = None    # stop after this many newline-terminated lines
+    # When set: stop at the first newline (not included) unless the line it ends, `line_before`
+    # + the text generated before it with trailing whitespace ignored, ends with one of these
+    # (a partly typed statement is completed to its end; one that opens a block goes on).
+    continued_by: tuple[str, ...] | None = None
+    line_before: str = ""
     time_budget_s: float | None = None
     key: str | None = None          # scheduling key (document URI): newer supersedes older
     # When the prompt ends with plain text, take its last token back and let the first generated

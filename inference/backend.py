@@ -77,7 +77,7 @@ class LocalBackend(Backend):
         if isinstance(request.stop, str):
             raise InvalidParameter("stop must be a sequence of strings, not one string")
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
-        text_stops = TextStops(request.stop, request.max_lines)
+        text_stops = TextStops(request.stop, request.max_lines, request.continued_by, request.line_before)
         # The checkpoint's own conventions (a BOS token, for Persimmon) come with the prompt.
         prompt_ids = self.tokenizer.encode_parts(parts, add_special_tokens=True)
         max_new_tokens, first_token_ids, healed = request.max_new_tokens, None, b""

@@ -93,18 +93,29 @@ class StopStringMatcher:
 
 
 class TextStops:
-    """Stop strings, then a line limit, over a stream of decoded text deltas."""
+    """Stop strings, then the first-line rule, then a line limit, over a stream of decoded text
+    deltas. The first-line rule (`continued_by`, see api.GenerationRequest): the first newline
+    stops generation unless `line_before` + the first line, trailing whitespace ignored, ends
+    with one of `continued_by`."""
 
-    def __init__(self, stop_strings: Iterable[str] = (), max_lines: int | None = None):
+    def __init__(self, stop_strings: Iterable[str] = (), max_lines: int | None = None,
+                 continued_by: Iterable[str] | None = None, line_before: str = ""):
         if max_lines is not None and max_lines <= 0:
             raise InvalidParameter(f"max_lines must be >= 1, got {max_lines}")
+        if isinstance(continued_by, str):
+            raise InvalidParameter("continued_by must be a sequence of strings, not one string")
         self.matcher = StopStringMatcher(stop_strings)
         self.max_lines = max_lines
+        self.continued_by = None if continued_by is None else tuple(continued_by)
+        self._first_line = line_before      # until the first newline is seen; then None
         self._lines = 0         # newlines released so far
 
     def feed(self, delta: str) -> tuple[str, str | None]:
         """Returns (text to show, finish reason or None)."""
         released, matched = self.matcher.feed(delta)
+        released, first_line_stop = self._first_line_rule(released)
+        if first_line_stop:
+            return released, "stop"
         released, line_stop = self._limit_lines(released)
         if line_stop:
             return released, "max_lines"
@@ -112,8 +123,25 @@ class TextStops:
 
     def finish(self) -> str:
         """Text still held back when generation ends for another reason."""
-        released, _ = self._limit_lines(self.matcher.flush())
+        released, stop = self._first_line_rule(self.matcher.flush())
+        if stop:
+            return released
+        released, _ = self._limit_lines(released)
         return released
+
+    def _first_line_rule(self, text: str) -> tuple[str, bool]:
+        """Cuts `text` before the first newline when the line it ends does not go on."""
+        if self.continued_by is None or self._first_line is None:
+            return text, False
+        nl = text.find("\n")
+        if nl < 0:
+            self._first_line += text
+            return text, False
+        line = (self._first_line + text[:nl]).rstrip()
+        self._first_line = None
+        if line.endswith(self.continued_by):
+            return text, False
+        return text[:nl], True
 
     def _limit_lines(self, text: str) -> tuple[str, bool]:
         """Cuts `text` just after the newline that completes line `max_lines`."""

@@ -10,7 +10,7 @@ from typing import Sequence
 from stablelm_lsp.inference.api import Backend, GenerationRequest, GenerationResult
 
 from .documents import Cursor
-from .postprocess import Completion, is_multiline_position, postprocess
+from .postprocess import CONTINUES, Completion, continues, is_multiline_position, postprocess
 from .prompt import (ContextFile, Prompt, PromptTemplate, TemplateError, TokenCounter, build_prompt,
                      default_template)
 from .settings import Settings
@@ -53,6 +53,9 @@ class Completer:
                               path=path, repo=repo, context_files=context_files,
                               template=self.template)
         multiline = is_multiline_position(prompt.line_after)
+        # A statement typed partly is completed to its end, unless its line goes on (postprocess):
+        # the request stops at the first newline then, instead of generating lines to throw away.
+        partly_typed = multiline and bool(prompt.line_before.strip()) and not continues(prompt.line_before)
         settings = self.settings
         request = GenerationRequest(
             prompt_parts=prompt.parts,
@@ -60,6 +63,8 @@ class Completer:
             temperature=settings.temperature,
             stop=() if multiline else ("\n",),
             max_lines=settings.max_lines if multiline else None,
+            continued_by=CONTINUES if partly_typed else None,
+            line_before=prompt.line_before if partly_typed else "",
             time_budget_s=settings.timeout_ms / 1000,
             key=key,
             # The prompt ends at the cursor, often inside a word: let the model choose its token.

@@ -64,8 +64,8 @@ def postprocess(
     multiline = is_multiline_position(line_after)
     lines = text.split("\n")
     lines = lines[:max(max_lines, 1) if multiline else 1]
-    if len(lines) > 1 and line_before.strip() and not _continues(line_before) \
-            and not _continues(line_before + lines[0]):
+    if len(lines) > 1 and line_before.strip() and not continues(line_before) \
+            and not continues(line_before + lines[0]):
         lines = lines[:1]
     lines = _cut_repeated_lines(lines, line_before, next_lines)
     lines = _cut_loops(lines, line_before)
@@ -80,12 +80,12 @@ def postprocess(
     return _absorb_closers(text, line_before, line_after)
 
 
-_CONTINUES = (":", "(", "[", "{", ",", "\\", "=>", "->")
+CONTINUES = (":", "(", "[", "{", ",", "\\", "=>", "->")
 
 
-def _continues(line: str) -> bool:
+def continues(line: str) -> bool:
     """Whether `line` opens a block or goes on into the next line."""
-    return line.rstrip().endswith(_CONTINUES)
+    return line.rstrip().endswith(CONTINUES)
 
 
 def _cut_repeated_lines(lines: list[str], line_before: str, next_lines: Sequence[str]) -> list[str]:

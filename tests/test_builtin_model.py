@@ -137,6 +137,31 @@ def test_token_healing_completes_partly_typed_words(builtin_backend):
     assert sum(plain_hits) < sum(hits) - 2, list(zip(plain, plain_hits))
 
 
+def test_a_partly_typed_statement_stops_generating_at_its_end(builtin_backend):
+    """The README's example: `self.items.` at the end of its line, 8 lines allowed. The request
+    stops at the first newline (postprocess would keep that one line only), the text shown is
+    the same as generating on, and fewer tokens were run."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "example.py"
+    lines = example.read_text().splitlines(keepends=True)
+    completer = Completer(builtin_backend, Settings(max_new_tokens=48, max_lines=8))
+    pending = completer.prepare(lines, Cursor(17, 19), path="example.py")   # README: --line 17
+    assert pending.prompt.line_before == "        self.items."
+    assert pending.request.continued_by and pending.request.max_lines == 8
+    stopped = builtin_backend.generate(pending.request)
+    free = builtin_backend.generate(dataclasses.replace(pending.request, continued_by=None))
+    assert stopped.finish_reason == "stop" and "\n" not in stopped.text
+    assert free.text.startswith(stopped.text + "\n")
+    assert completer.finish(pending, stopped) == completer.finish(pending, free)
+    assert completer.finish(pending, stopped).text == "append(item)"
+    assert len(stopped.token_ids) < len(free.token_ids)
+    # a line that opens a block is generated on: `def pop(self` -> `):` and its body
+    block = lines[:18] + ["\n", "    def pop(self\n"] + lines[18:]
+    pending = completer.prepare(block, Cursor(19, len("    def pop(self")), path="example.py")
+    result = builtin_backend.generate(pending.request)
+    first, _, rest = result.text.partition("\n")
+    assert (pending.prompt.line_before + first).rstrip().endswith(":") and rest.strip(), result.text
+
+
 def test_random_weights_fail_the_obvious_lines(tmp_path):
     """The completion test above means something: the same architecture and tokenizer with
     untrained weights completes none of the lines."""

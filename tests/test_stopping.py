@@ -64,6 +64,34 @@ def test_max_lines_counts_text_released_at_the_end():
     assert stops.finish() == "\n"
 
 
+CONT = (":", "(", ",")
+
+
+def test_a_partly_typed_line_stops_at_its_end():
+    shown, reason = stream(TextStops(max_lines=8, continued_by=CONT, line_before="x = foo"),
+                           ["(a", ", b)", "  \n", "y = 2\n"])
+    assert (reason, "".join(shown)) == ("stop", "(a, b)  ")
+
+
+def test_a_line_that_opens_a_block_goes_on_to_the_line_limit():
+    # the typed text plus the first line ends with ":" (trailing spaces ignored): more lines come
+    shown, reason = stream(TextStops(max_lines=2, continued_by=CONT, line_before="def f"),
+                           ["(x)", ": \n    return", " x\n", "z\n"])
+    assert (reason, "".join(shown)) == ("max_lines", "(x): \n    return x\n")
+    # so does one that ends in a comma, and any line without the rule
+    assert stream(TextStops(continued_by=CONT, line_before="call("), ["a,\nb"])[0] == ["a,\nb", ""]
+    assert stream(TextStops(continued_by=None, line_before="x"), ["a\nb"])[1] is None
+
+
+def test_the_first_line_rule_sees_text_held_back_for_stop_strings():
+    # "\n" is held back (it may start "\n\n"); released at the end, it still ends the line
+    stops = TextStops(["\n\n"], continued_by=CONT, line_before="x = ")
+    assert stops.feed("1\n") == ("1", None)
+    assert stops.finish() == ""
+    with pytest.raises(InvalidParameter, match="not one string"):
+        TextStops(continued_by=":")
+
+
 def test_token_stops_limits():
     stops = TokenStops.build(3, stop_ids=[0, 5])
     assert 5 in stops.stop_ids
