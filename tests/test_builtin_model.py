@@ -247,11 +247,12 @@ def test_second_stage_continues_from_a_checkpoint(tiny_trained, tmp_path):
     assert 0 < change < 0.01
 
 
-def test_evaluate_script_prints_table_and_json(tiny_trained):
+def test_evaluate_script_prints_table_and_json(tiny_trained, tmp_path):
+    dump = tmp_path / "cases.jsonl"
     proc = subprocess.run(
         [sys.executable, str(TRAINING / "evaluate.py"), "--model", str(tiny_trained), "--max-files", "12",
          "--held-out", "0.3", "--cases", "6", "--ppl-max-tokens", "300", "--max-new-tokens", "8",
-         "--token-healing", "both"],
+         "--token-healing", "both", "--dump", str(dump)],
         check=True, capture_output=True, text=True, timeout=120)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["cases"] == 6 and result["perplexity_tokens"] == 300
@@ -259,6 +260,13 @@ def test_evaluate_script_prints_table_and_json(tiny_trained):
         assert set(result[setting]["exact_match"]) >= {"model", "model, no healing", "line above",
                                                          "line below", "most frequent training line"}
     assert "line start exact" in proc.stdout
+    # the dump holds every case; its exact matches add up to the table's
+    cases = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(cases) == 12 and {c["setting"] for c in cases} == {"line start", "mid-line"}
+    for setting, key in (("line start", "line_start"), ("mid-line", "mid_line")):
+        for method, rate in result[key]["exact_match"].items():
+            hits = sum(c["guesses"][method] == c["target"] for c in cases if c["setting"] == setting)
+            assert round(hits / 6, 4) == rate, (setting, method)
 
 
 def test_evaluate_rejects_a_missing_checkpoint(tmp_path):

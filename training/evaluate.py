@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dump", type=Path, default=None,
+                    help="write every case (file, line, setting, target, each method's line) as JSON lines")
     return ap.parse_args(argv)
 
 
@@ -169,6 +171,7 @@ def main(argv=None) -> int:
     exact = {setting: Counter() for setting in SETTINGS}
     sim = {setting: Counter() for setting in SETTINGS}
     done = 0
+    dump = args.dump.open("w") if args.dump else None
     gen_started = time.time()
     for file_index, line_index in draw_cases(held_files, args.cases, args.seed):
         if args.time_limit_s is not None and time.time() - gen_started > args.time_limit_s:
@@ -203,9 +206,15 @@ def main(argv=None) -> int:
             for name, guess in zip(methods, guesses):
                 exact[setting][name] += guess.strip() == target
                 sim[setting][name] += similarity(guess.strip(), target)
+            if dump:
+                dump.write(json.dumps({"file": path, "line": line_index, "setting": setting,
+                                       "typed": typed, "target": target,
+                                       "guesses": {n: g.strip() for n, g in zip(methods, guesses)}}) + "\n")
         done += 1
     gen_s = time.time() - gen_started
     backend.close()
+    if dump:
+        dump.close()
 
     def rate(counter: Counter, name: str) -> float:
         return counter[name] / max(done, 1)
