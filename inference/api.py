@@ -110,6 +110,11 @@ class GenerationRequest:
     # (a partly typed statement is completed to its end; one that opens a block goes on).
     continued_by: tuple[str, ...] | None = None
     line_before: str = ""
+    # The first generated token may not end the line (a line break before any text other than
+    # spaces and tabs, end of text), nor be spaces and tabs alone when `line_before` (the
+    # cursor line's text before the cursor) is indentation: for a cursor on a blank line, where
+    # nothing says nothing.
+    nonblank_first_token: bool = False
     time_budget_s: float | None = None
     key: str | None = None          # scheduling key (document URI): newer supersedes older
     # When the prompt ends with plain text, take its last token back and let the first generated

@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart, join_parts
 from .engine import Engine
 from .errors import EmptyPrompt, InvalidParameter
@@ -37,6 +39,7 @@ class LocalBackend(Backend):
         linear and decode_step (inference/engine.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        self._line_text_ids: dict[bool, torch.Tensor] = {}     # see _nonblank
         self.engine = Engine(loaded, budget_tokens=budget_tokens, attention=attention,
                              prefix_reuse=prefix_reuse, **engine_options)
         cfg, tok = loaded.config, loaded.tokenizer
@@ -85,6 +88,8 @@ class LocalBackend(Backend):
             prompt_ids, first_token_ids, healed = self._heal(prompt_ids)
             # The regenerated token is not new text: it does not count against the limit.
             max_new_tokens += bool(healed)
+        if request.nonblank_first_token:
+            first_token_ids = self._nonblank(first_token_ids, healed, request.line_before)
         decoder = Utf8StreamDecoder(self._generated_bytes(healed))
         pieces: list[str] = []
 
@@ -119,6 +124,27 @@ class LocalBackend(Backend):
             prompt_tokens=result.prompt_tokens, reused_tokens=result.reused_tokens,
             elapsed_s=result.elapsed_s, drafted_tokens=result.drafted_tokens,
             accepted_tokens=result.accepted_tokens)
+
+    def _nonblank(self, first_token_ids: list[int] | None, healed: bytes, line_before: str):
+        """The first token's choices narrowed to tokens that do not end the line (and, after
+        indentation, are not more of it): the healed ones whose bytes after the healed part
+        qualify, or every such token of the vocabulary (tensors made once per backend)."""
+        spaces = not line_before
+        if first_token_ids is not None:
+            table = self.tokenizer.token_bytes
+
+            def qualifies(rest: bytes) -> bool:
+                text = rest.lstrip(b" \t")
+                return not text.startswith((b"\n", b"\r")) and bool(text or (spaces and rest))
+
+            kept = [i for i in first_token_ids if qualifies(table[i][len(healed):])]
+            return kept or first_token_ids
+        cached = self._line_text_ids.get(spaces)
+        if cached is None:
+            vocab = self.engine.sample_vocab
+            ids = [i for i in self.tokenizer.line_text_ids(spaces) if i < vocab]
+            cached = self._line_text_ids[spaces] = torch.tensor(ids, dtype=torch.long)
+        return cached
 
     def _heal(self, prompt_ids: list[int]) -> tuple[list[int], list[int] | None, bytes]:
         """(prompt ids, first_token_ids, bytes taken back): the last token taken back when some

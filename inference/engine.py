@@ -170,9 +170,19 @@ class Engine:
                                 f"{self.config.max_positions} positions")
         return tokens
 
-    def _check_allowed(self, ids: Sequence[int] | None) -> torch.Tensor | None:
+    def _check_allowed(self, ids: Sequence[int] | torch.Tensor | None) -> torch.Tensor | None:
         if ids is None:
             return None
+        if isinstance(ids, torch.Tensor):   # a long 1-D tensor of distinct ids, kept by the caller
+            if ids.dim() != 1 or ids.dtype != torch.long:
+                raise InvalidParameter("first_token_ids as a tensor must be 1-D int64")
+            if not len(ids):
+                raise InvalidParameter("first_token_ids is empty: no token could be generated")
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.sample_vocab:
+                raise TokenOutOfRange(f"first_token_ids has id {low if low < 0 else high}, outside "
+                                      f"the vocabulary [0, {self.sample_vocab})")
+            return ids.to(self.device)
         try:
             allowed = sorted({operator.index(t) for t in ids})
         except TypeError:

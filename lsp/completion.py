@@ -56,6 +56,7 @@ class Completer:
         # A statement typed partly is completed to its end, unless its line goes on (postprocess):
         # the request stops at the first newline then, instead of generating lines to throw away.
         partly_typed = multiline and bool(prompt.line_before.strip()) and not continues(prompt.line_before)
+        blank = multiline and not prompt.line_before.strip()
         settings = self.settings
         request = GenerationRequest(
             prompt_parts=prompt.parts,
@@ -64,7 +65,9 @@ class Completer:
             stop=() if multiline else ("\n",),
             max_lines=settings.max_lines if multiline else None,
             continued_by=CONTINUES if partly_typed else None,
-            line_before=prompt.line_before if partly_typed else "",
+            line_before=prompt.line_before if partly_typed or blank else "",
+            # On a blank line (indentation at most) the user is about to type something there.
+            nonblank_first_token=blank,
             time_budget_s=settings.timeout_ms / 1000,
             key=key,
             # The prompt ends at the cursor, often inside a word: let the model choose its token.

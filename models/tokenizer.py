@@ -214,6 +214,23 @@ class Tokenizer:
                        if b and i not in self._added_ids)
         return [b for b, _ in pairs], [i for _, i in pairs]
 
+    def line_text_ids(self, spaces: bool) -> list[int]:
+        """Ordinary tokens that do not end the current line: no line break before their first
+        character other than a space or tab; with spaces=False, not spaces and tabs alone either
+        (text must come). Added tokens excluded."""
+        return self._line_text_ids[spaces]
+
+    @cached_property
+    def _line_text_ids(self) -> dict[bool, list[int]]:
+        out: dict[bool, list[int]] = {True: [], False: []}
+        for i, b in enumerate(self.token_bytes):
+            rest = b.lstrip(b" \t")
+            if b and not rest.startswith((b"\n", b"\r")) and i not in self._added_ids:
+                out[True].append(i)
+                if rest:
+                    out[False].append(i)
+        return out
+
     def is_added(self, token_id: int) -> bool:
         """A token of the added vocabulary (specials, control tokens): never extended by healing."""
         return token_id in self._added_ids

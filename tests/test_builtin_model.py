@@ -160,6 +160,24 @@ def test_a_partly_typed_statement_stops_generating_at_its_end(builtin_backend):
     result = builtin_backend.generate(pending.request)
     first, _, rest = result.text.partition("\n")
     assert (pending.prompt.line_before + first).rstrip().endswith(":") and rest.strip(), result.text
+    assert not pending.request.nonblank_first_token
+
+
+def test_a_blank_cursor_line_gets_text(builtin_backend):
+    """On a blank line the request asks for a first token that does not end the line (after
+    auto-indentation: not more spaces either); mid-line it does not."""
+    completer = Completer(builtin_backend, Settings(max_new_tokens=16, max_lines=1))
+    doc = ["import os\n", "import sys\n", "\n", "\n", "def main(argv):\n", "    \n", "    return 0\n"]
+    for line, col, indent in ((5, 4, "    "), (2, 0, "")):
+        pending = completer.prepare(doc, Cursor(line, col), path="example.py")
+        request = pending.request
+        assert request.nonblank_first_token and request.line_before == indent
+        result = builtin_backend.generate(request)
+        assert result.text.strip() and not result.text.lstrip(" \t").startswith("\n")
+        if indent:
+            assert result.text[:1] not in (" ", "\t")
+    pending = completer.prepare(doc, Cursor(6, 6), path="example.py")     # "    re|turn 0"
+    assert not pending.request.nonblank_first_token
 
 
 def test_random_weights_fail_the_obvious_lines(tmp_path):

@@ -278,6 +278,10 @@ def test_first_token_constraint_limits_only_the_first_token(stablelm, temperatur
         allowed = [t for t in range(7, 60) if t != free.token_ids[0]]
         constrained = engine.generate(ids, max_new_tokens=6, sampling=sampling, first_token_ids=allowed)
         assert constrained.token_ids[0] in allowed and len(constrained.token_ids) == 6
+        # the same ids as a tensor (what a backend keeps for every request) choose the same
+        as_tensor = engine.generate(ids, max_new_tokens=6, sampling=sampling,
+                                    first_token_ids=torch.tensor(allowed))
+        assert as_tensor.token_ids == constrained.token_ids
         if temperature == 0.0:
             # the best of the allowed ids, then the model's own continuation
             logits = stablelm.model(torch.tensor([ids]))[0, -1]
@@ -299,6 +303,12 @@ def test_bad_input_gives_specific_errors_and_the_engine_stays_usable(stablelm):
             (PromptTooLong, dict(prompt_ids=[5] * (max_pos + 1), max_new_tokens=4)),
             (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=4, first_token_ids=[])),
             (TokenOutOfRange, dict(prompt_ids=[5, 6], max_new_tokens=4, first_token_ids=[vocab])),
+            (TokenOutOfRange, dict(prompt_ids=[5, 6], max_new_tokens=4,
+                                   first_token_ids=torch.tensor([3, vocab]))),
+            (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=4,
+                                    first_token_ids=torch.tensor([], dtype=torch.long))),
+            (InvalidParameter, dict(prompt_ids=[5, 6], max_new_tokens=4,
+                                    first_token_ids=torch.tensor([[3, 4]]))),
         ]
         for error, kwargs in cases:
             with pytest.raises(error) as info:

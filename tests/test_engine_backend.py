@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import threading
 import time
 
@@ -198,6 +199,41 @@ def test_generation_from_parts_runs_the_parts_encoding(backend):
 def test_bad_prompt_parts_are_refused(backend, request_kwargs, error):
     with pytest.raises(error):
         backend.generate(GenerationRequest(**request_kwargs))
+
+
+# -- a blank cursor line gets text ----------------------------------------------------------------
+
+def test_a_nonblank_first_token_puts_text_on_the_line(backend):
+    tok = backend.tokenizer
+    after_indent, at_column_0 = set(tok.line_text_ids(False)), set(tok.line_text_ids(True))
+    assert after_indent < at_column_0 and not any(tok.is_added(i) for i in at_column_0)
+    assert not any(tok.token_bytes[i].lstrip(b" \t").startswith(b"\n") for i in at_column_0)
+    assert not any(tok.token_bytes[i].strip(b" \t") == b"" for i in after_indent)
+    # indentation the cursor lacks may come first at column 0 only
+    assert any(tok.token_bytes[i] == b"    " for i in at_column_0 - after_indent)
+    # Prompts where the (random) model would end the line first: random text, drawn with fixed
+    # seeds until a few are found (about one in 75 here).
+    found = 0
+    for seed in range(600):
+        rng = random.Random(seed)
+        text = tok.decode([rng.randrange(7, tok.vocab_size) for _ in range(12)])
+        indent = rng.choice(["", "    "])
+        allowed = at_column_0 if not indent else after_indent
+        parts = (PromptPart(text),)
+        free = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=1, use_model_stops=False))
+        if free.token_ids[0] in allowed:
+            continue
+        found += 1
+        got = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=6, use_model_stops=False,
+                                                 nonblank_first_token=True, line_before=indent))
+        assert got.token_ids[0] in allowed and not got.text.lstrip(" \t").startswith("\n")
+        # the best allowed token, then the model's own continuation: the engine, same limit
+        ids = tok.encode_parts(parts, add_special_tokens=True)
+        direct = backend.engine.generate(ids, max_new_tokens=6, first_token_ids=sorted(allowed))
+        assert direct.token_ids == got.token_ids
+        if found == 3:
+            break
+    assert found == 3
 
 
 # -- token healing ------------------------------------------------------------------------------
