@@ -84,18 +84,9 @@ def flash_installed() -> bool:
 
 def cpu_problems(device: torch.device, dtype: torch.dtype):
     """(kernel, []) when the own CPU attention kernel can run here, else (None, [why not])."""
-    problems = []
-    if device.type != "cpu":
-        problems.append(f"the own attention kernel is for CPUs (this is {device.type})")
-    if dtype != torch.float32:
-        problems.append(f"the own attention kernel is for float32 (the model runs in "
-                        f"{str(dtype).removeprefix('torch.')})")
-    if problems:
-        return None, problems
-    from .cpu_kernels import load_decode_attention
+    from .cpu_kernels import kernel_for
 
-    kernel = load_decode_attention()
-    return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
+    return kernel_for("decode_attention", "the own attention kernel", device, dtype)
 
 
 def select_attention(requested: str, device: torch.device, dtype: torch.dtype, config) -> AttentionChoice:

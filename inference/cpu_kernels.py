@@ -102,7 +102,8 @@ def _cpu_id() -> str:
 
 def _build(cc: str, name: str) -> tuple[Path | None, str]:
     source_path = CSRC / f"{name}.c"
-    source = source_path.read_bytes()
+    # the source and the headers it may include, all part of the build's identity
+    source = source_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
     ident = "\n".join([_compiler_id(cc), platform.machine(), _cpu_id()])
     errors = []
     for flags in _FLAG_SETS:
@@ -165,6 +166,25 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
         if not torch.allclose(out, want, atol=1e-4, rtol=1e-4):
             return "the compiled attention kernel disagrees with SDPA"
     return None
+
+
+def cpu_float32_problems(what: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why `what` (a CPU float32 kernel) cannot run on this device and dtype (empty: it can)."""
+    problems = []
+    if device.type != "cpu":
+        problems.append(f"{what} is for CPUs (this is {device.type})")
+    if dtype != torch.float32:
+        problems.append(f"{what} is for float32 (the model runs in {str(dtype).removeprefix('torch.')})")
+    return problems
+
+
+def kernel_for(name: str, what: str, device: torch.device, dtype: torch.dtype):
+    """(kernel, []) when the own kernel `name` can run here, else (None, [why not])."""
+    problems = cpu_float32_problems(what, device, dtype)
+    if problems:
+        return None, problems
+    kernel = _get(name)
+    return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
 
 
 def load_rows_linear() -> RowsKernel | str:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_kernels import cpu_float32_problems, kernel_for
 from .errors import InvalidParameter
 
 log = logging.getLogger(__name__)
@@ -104,28 +105,12 @@ def _parameter(t: torch.Tensor) -> nn.Parameter:
 
 def rows_problems(device: torch.device, dtype: torch.dtype):
     """(kernel, []) when the project's kernel can run here, else (None, [why not])."""
-    problems = []
-    if device.type != "cpu":
-        problems.append(f"the own linear kernel is for CPUs (this is {device.type})")
-    if dtype != torch.float32:
-        problems.append(f"the own linear kernel is for float32 (the model runs in "
-                        f"{str(dtype).removeprefix('torch.')})")
-    if problems:
-        return None, problems
-    from .cpu_kernels import load_rows_linear
-
-    kernel = load_rows_linear()
-    return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
+    return kernel_for("rows_linear", "the own linear kernel", device, dtype)
 
 
 def onednn_problems(device: torch.device, dtype: torch.dtype) -> list[str]:
     """What stops the packed oneDNN kernel from running here (empty: nothing)."""
-    problems = []
-    if device.type != "cpu":
-        problems.append(f"packed oneDNN linear layers are for CPUs (this is {device.type})")
-    if dtype != torch.float32:
-        problems.append(f"packed oneDNN linear layers are used for float32 (the model runs in "
-                        f"{str(dtype).removeprefix('torch.')})")
+    problems = cpu_float32_problems("the packed oneDNN kernel", device, dtype)
     if not problems:
         problem = _self_check()
         if problem:
@@ -179,38 +164,32 @@ def select_linear(requested: str, device: torch.device, dtype: torch.dtype,
     return LinearChoice("torch", (problems or onednn)[0])
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace model's nn.Linear layers by PackedLinear (a models.Decoder's tied head too);
-    returns how many layers were packed. Packing twice is a no-op."""
-    packed = 0
+def _replace_linears(model: nn.Module, make) -> int:
+    """Replace model's nn.Linear layers by make(weight, bias), and a models.Decoder's tied head
+    (None: it reads the embedding table) by make(embedding, None); returns how many layers were
+    replaced. Replacing twice is a no-op."""
+    replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                packed += 1
+                setattr(parent, name, make(child.weight, child.bias))
+                replaced += 1
     if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
-        # tied: the head reads the embedding table; the lookup keeps the unpacked one
-        model.lm_head = PackedLinear(model.embed.weight, None)
-        model.head_is_tied_copy = True
-        packed += 1
-    return packed
+        model.lm_head = make(model.embed.weight, None)
+        model.head_is_tied_copy = True      # still tied (see Decoder.tied)
+        replaced += 1
+    return replaced
+
+
+def pack_linears(model: nn.Module) -> int:
+    """PackedLinear layers (a tied head gets a packed copy; the lookup keeps the unpacked one)."""
+    return _replace_linears(model, PackedLinear)
 
 
 def rows_linears(model: nn.Module, kernel, max_m: int = ROWS_MAX_M) -> int:
-    """Replace model's nn.Linear layers by RowsLinear on the same weights (a models.Decoder's
-    tied head reads the embedding table itself); returns how many layers were replaced."""
-    replaced = 0
+    """RowsLinear layers on the same weights (a tied head reads the embedding table itself)."""
     onednn = not onednn_problems(torch.device("cpu"), torch.float32)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, RowsLinear(child.weight, child.bias, kernel, max_m, onednn))
-                replaced += 1
-    if getattr(model, "lm_head", False) is None and hasattr(model, "embed"):
-        model.lm_head = RowsLinear(model.embed.weight, None, kernel, max_m, onednn)
-        model.head_is_tied_copy = True      # tied still; the "copy" shares the embedding's storage
-        replaced += 1
-    return replaced
+    return _replace_linears(model, lambda w, b: RowsLinear(w, b, kernel, max_m, onednn))
 
 
 def install(model: nn.Module, choice: LinearChoice) -> None:

@@ -16,22 +16,11 @@
 #include <stddef.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int i16v __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+#include "vec.h"
 
 #define BK 64           /* keys per block */
 #define MAX_ROWS 16     /* queries per task (GQA group x positions) */
 #define MAX_D 256
-
-static inline float hsum(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
 
 /* e^x for x <= 0 (scores minus their maximum), 16 lanes: 2^n * p(r), |r| <= ln2/2. */
 static inline v16 vexp(v16 x) {

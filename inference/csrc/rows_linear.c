@@ -6,28 +6,17 @@
  * inputs in L1: each 16-float slice of a row is loaded once and multiplied into every input.
  * Rows are split over OpenMP threads (the runtime torch already loaded, by soname).
  *
- * Written with GCC/Clang vector extensions, not intrinsics: compiled with -march=native by
- * inference/cpu_kernels.py at first use, it becomes AVX-512, AVX2 or NEON code as the machine
- * allows. Sums are accumulated 16 lanes wide, then reduced pairwise: the results match F.linear
+ * Written with GCC/Clang vector extensions (vec.h), not intrinsics: compiled with -march=native
+ * by inference/cpu_kernels.py at first use. Sums are accumulated 16 lanes wide, then reduced pairwise: the results match F.linear
  * to float rounding, not bit for bit.
  */
 #include <stddef.h>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));   /* unaligned loads */
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
+#include "vec.h"
 
 #define MAX_M 16
 #define BLOCK_M 8           /* inputs per pass over a row (held in registers) */
 #define ROWS_PER_TASK 32
-
-static inline float hsum(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
 
 /* One weight row against MS inputs (rows of x, K apart): y[j * N] = x[j] . wr + bias. With more
  * than two inputs the loop computes long enough that the hardware prefetcher falls behind: the
