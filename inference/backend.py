@@ -28,6 +28,9 @@ from .sampling import SamplingParams
 from .stopping import TextStops
 from .streaming import Utf8StreamDecoder
 
+# Most prompt tokens token healing takes back (the partly typed word at the cursor).
+HEAL_TOKENS = 4
+
 
 class LocalBackend(Backend):
     def __init__(self, loaded, *, builtin: bool = False, budget_tokens: int | None = None,
@@ -147,26 +150,41 @@ class LocalBackend(Backend):
         return cached
 
     def _heal(self, prompt_ids: list[int]) -> tuple[list[int], list[int] | None, bytes]:
-        """(prompt ids, first_token_ids, bytes taken back): the last token taken back when some
-        other ordinary token extends its bytes, else the prompt unchanged.
+        """(prompt ids, first_token_ids, bytes taken back): the last tokens taken back when some
+        ordinary token extends their bytes, else the prompt unchanged.
 
-        A run of several whitespace bytes (indentation) is left alone: byte-level pre-tokenizers
-        give the last space of a run to the word after it, so the tokens extending a whole run
-        are longer runs, and healing would steer the model away from the word that follows
-        (measured: it lowers the built-in model's line-start similarity, TRAINING.md)."""
-        last = prompt_ids[-1]
-        if len(prompt_ids) < 2 or self.tokenizer.is_added(last):
-            return prompt_ids, None, b""
-        taken = self.tokenizer.token_bytes[last]
-        if len(taken) > 1 and taken.isspace():
-            return prompt_ids, None, b""
-        extensions = self.tokenizer.ids_starting_with(taken)
+        Up to HEAL_TOKENS tokens of the cursor's word are taken back, as many as some single
+        token still extends: a word typed partly is often split oddly (`retur` as `ret` + `ur`),
+        which the model never saw in training and answers by ending the text; the first token
+        must then spell the whole typed part (` return`). With one token only, the same
+        (`ur`) is chosen again and generation stops: measured on the built-in model, TRAINING.md.
+
+        A run of several whitespace bytes (indentation) is never taken back: byte-level
+        pre-tokenizers give the last space of a run to the word after it, so the tokens
+        extending a whole run are longer runs, and healing would steer the model away from the
+        word that follows (measured: it lowers the built-in model's line-start similarity)."""
+        tok = self.tokenizer
         vocab = self.engine.sample_vocab
-        if self.tokenizer.vocab_size > vocab:   # ids past the model's output rows are never sampled
-            extensions = [i for i in extensions if i < vocab]
-        if extensions == [last]:
+        best = None
+        taken = b""
+        for k in range(1, min(HEAL_TOKENS, len(prompt_ids) - 1) + 1):
+            token = prompt_ids[-k]
+            piece = tok.token_bytes[token]
+            if tok.is_added(token) or not piece or (len(piece) > 1 and piece.isspace()) \
+                    or b"\n" in piece or (k > 1 and piece[-1:].isspace()):
+                break               # not part of the word at the cursor
+            taken = piece + taken
+            extensions = tok.ids_starting_with(taken)
+            if tok.vocab_size > vocab:   # ids past the model's output rows are never sampled
+                extensions = [i for i in extensions if i < vocab]
+            if not extensions:
+                break
+            if extensions != [token] or k > 1:
+                best = (k, extensions, taken)
+        if best is None:
             return prompt_ids, None, b""
-        return prompt_ids[:-1], extensions, taken
+        k, extensions, taken = best
+        return prompt_ids[:-k], extensions, taken
 
     def _generated_bytes(self, healed: bytes) -> Callable[[list[int]], bytes]:
         """Token ids -> bytes for the stream decoder, without the `healed` bytes the first

@@ -125,6 +125,9 @@ PARTLY_TYPED = [
     ("class Point:\n    def __in", r"    def __init__\(.*\):"),
     ("def f(x):\n    if isinst", r"    if isinstance\(.*"),
     ("import sys\n\n\ndef main():\n    for arg in sys.ar", r"    for arg in sys\.argv\b.*:"),
+    # words the tokenizer splits in two when typed partly (`ret` + `ur`): both tokens taken back
+    ("def f(x):\n    y = x + 1\n    retur", r"    return\b.*"),
+    ("x = Fa", r"x = False"),
 ]
 
 

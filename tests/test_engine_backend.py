@@ -272,6 +272,41 @@ def test_healing_regenerates_the_last_token_and_returns_only_new_text(backend, m
     assert direct.token_ids == result.token_ids
 
 
+def test_healing_takes_back_a_partly_typed_word_split_into_several_tokens(backend):
+    """`retur` typed as `ret` + `ur`: both are taken back and the first token must spell them
+    (` return`), rather than `ur` again, which models answer by ending the text."""
+    tok = backend.tokenizer
+    found = None
+    for word_id in range(tok.vocab_size):
+        word = tok.token_bytes[word_id]
+        if tok.is_added(word_id) or not word.startswith(b" ") or len(word) < 5 or not word[1:].isalpha():
+            continue
+        for cut in range(len(word) - 1, 2, -1):
+            middle = "    x =" + word[:cut].decode()
+            ids = tok.encode_parts(fim_parts(PROMPT, "\n", middle), add_special_tokens=True)
+            tail = tok.decode_bytes(ids[-2:])
+            if tail.endswith(word[:cut]) and word[:cut] not in tok.token_bytes[ids[-1]] \
+                    and tok.token_bytes[ids[-2]] != b" ":
+                found = middle, word[:cut], ids
+                break
+        if found:
+            break
+    assert found, "no word of the tiny vocabulary splits in two when typed partly"
+    middle, typed, ids = found
+    parts = fim_parts(PROMPT, "\n", middle)
+    result = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=6,
+                                                use_model_stops=False, token_healing=True))
+    taken_back = len(ids) - result.prompt_tokens
+    assert taken_back >= 2
+    taken = tok.decode_bytes(ids[-taken_back:])
+    assert taken.endswith(typed) and tok.token_bytes[result.token_ids[0]].startswith(taken)
+    generated = tok.decode_bytes(result.token_ids)
+    assert result.text == generated[len(taken):].decode("utf-8", errors="replace")
+    direct = backend.engine.generate(ids[:-taken_back], max_new_tokens=7,
+                                     first_token_ids=tok.ids_starting_with(taken))
+    assert direct.token_ids == result.token_ids
+
+
 def test_healing_with_a_stop_string_matches_the_text_after_the_prompt(backend):
     parts = fim_parts(PROMPT, "\n", "    result.app")
     free = backend.generate(GenerationRequest(prompt_parts=parts, max_new_tokens=24,
