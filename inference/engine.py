@@ -35,7 +35,8 @@ from .stopping import TokenStops
 PREFILL_CHUNK = {"cpu": 256, "cuda": 1024}
 # Most draft tokens verified in one pass (speculation.py). A pass of 1 + k positions costs little
 # more than one position while the weights dominate: on a GPU up to a few dozen, on a CPU a few
-# (measured on a 160M model, one thread: 8 positions cost 1.7x one).
+# (bench/linear_bench.py, the own CPU kernel: 9 positions cost 1.8x one on two threads, 2.7x on
+# one).
 DRAFT_TOKENS = {"cpu": 8, "cuda": 16}
 # While a greedy request follows the previous sequence of its document, drafts may be this many
 # times longer: they are the model's own earlier choices.
