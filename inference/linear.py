@@ -9,9 +9,9 @@ packed into its own blocked layout at 13-24 GB/s. The kernels:
 - "rows": the project's own kernel (csrc/rows_linear.c, built at first use by cpu_kernels.py)
   for passes of up to 12 positions (decode steps, draft verifications): it streams each weight
   row once at close to the core's memory bandwidth (for one position 2-3x F.linear and
-  1.2-1.7x oneDNN packed, one and two threads). Longer passes (prefill chunks) go to oneDNN on the same, unpacked weights
-  (as fast as on packed ones there), else F.linear: no second copy, and a tied head reads the
-  embedding table itself.
+  1.2-1.7x oneDNN packed, on one and two threads). Longer passes (prefill chunks) go to oneDNN
+  on the same, unpacked weights (as fast as on packed ones there), else F.linear: no second
+  copy, and a tied head reads the embedding table itself.
 - "onednn": `PackedLinear`, every layer packed once into oneDNN's layout (the unpacked weight is
   released; a tied head gets a packed copy of the embedding, which the lookup still needs).
   As fast as "rows" for long prefill chunks, about half as fast for decode steps.
