@@ -129,5 +129,7 @@ def test_ending_the_server_while_the_model_loads_is_clean(big_checkpoint, tmp_pa
         assert result["code"] == code, what
         assert "terminate called" not in result["stderr"], what
         assert "Traceback" not in result["stderr"], what
-        # The load was stopped or left behind, not waited for to the end.
-        assert "was stopped" in result["stderr"] or "exiting without waiting" in result["stderr"], what
+        # The load was stopped or left behind, not waited for to the end; or, ended right at the
+        # first progress event, the server closed before the load thread began reading.
+        assert any(said in result["stderr"] for said in
+                   ("was stopped", "exiting without waiting", "the server is exiting")), what
