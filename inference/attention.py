@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .errors import AttentionUnavailable
 
@@ -112,8 +113,6 @@ class CpuDecodeAttention:
         self.kernel = kernel
 
     def __call__(self, q, key, value, layer: int, cache, attn):
-        import torch.nn.functional as F
-
         if cache is not None:
             key, value = cache.write(layer, key, value, attn)
         batch, heads, t, dim = q.shape

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from stablelm_lsp.models.tokenizer import keeps_line
+
 from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart, join_parts
 from .engine import Engine
 from .errors import EmptyPrompt, InvalidParameter
@@ -135,12 +137,7 @@ class LocalBackend(Backend):
         spaces = not line_before
         if first_token_ids is not None:
             table = self.tokenizer.token_bytes
-
-            def qualifies(rest: bytes) -> bool:
-                text = rest.lstrip(b" \t")
-                return not text.startswith((b"\n", b"\r")) and bool(text or (spaces and rest))
-
-            kept = [i for i in first_token_ids if qualifies(table[i][len(healed):])]
+            kept = [i for i in first_token_ids if keeps_line(table[i][len(healed):], spaces)]
             return kept or first_token_ids
         cached = self._line_text_ids.get(spaces)
         if cached is None:

@@ -8,8 +8,7 @@ cache directory ($STABLELM_LSP_CACHE, else $XDG_CACHE_HOME/stablelm-lsp, else ~/
 under a name derived from the source, the flags, the compiler and the machine, so a changed
 source or another CPU gets a fresh build. The library is linked against OpenMP when the compiler
 can, and then shares the OpenMP runtime torch loaded (same soname). Where there is no compiler,
-or the build or the self-check fails, `load_rows_linear` says why and the caller keeps torch's
-kernels. The compiler's output never reaches stdout (the language server speaks on it).
+or the build or the self-check fails, `kernel_for` says why and the caller keeps torch's kernels. The compiler's output never reaches stdout (the language server speaks on it).
 
 ctypes releases the GIL during the call; each call costs a few microseconds.
 """
@@ -168,6 +167,26 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
     return None
 
 
+def _bind_rows(lib: ctypes.CDLL, path: Path) -> RowsKernel:
+    fn = lib.rows_linear
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    lib.rows_linear_max_m.restype = ctypes.c_int
+    return RowsKernel(fn, lib.rows_linear_max_m(), path)
+
+
+def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
+    fn = lib.decode_attention
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return AttentionKernel(fn, path)
+
+
+# csrc/<name>.c -> how its library's entry point is bound, and the check it must pass
+_KERNELS = {"rows_linear": (_bind_rows, _check_rows),
+            "decode_attention": (_bind_attention, _check_attention)}
+
+
 def cpu_float32_problems(what: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why `what` (a CPU float32 kernel) cannot run on this device and dtype (empty: it can)."""
     problems = []
@@ -190,11 +209,6 @@ def kernel_for(name: str, what: str, device: torch.device, dtype: torch.dtype):
 def load_rows_linear() -> RowsKernel | str:
     """The linear kernel, built if needed; or a sentence saying why it cannot be used here."""
     return _get("rows_linear")
-
-
-def load_decode_attention() -> AttentionKernel | str:
-    """The attention kernel, built if needed; or a sentence saying why it cannot be used here."""
-    return _get("decode_attention")
 
 
 def _get(name: str):
@@ -221,19 +235,9 @@ def _load(name: str):
         return f"cannot build in {cache_dir()}: {exc}"
     if path is None:
         return f"{cc} could not build {source.name} ({detail})"
+    bind, check = _KERNELS[name]
     try:
-        lib = ctypes.CDLL(str(path))
-        if name == "rows_linear":
-            fn = lib.rows_linear
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-            fn.restype = ctypes.c_int
-            lib.rows_linear_max_m.restype = ctypes.c_int
-            kernel, check = RowsKernel(fn, lib.rows_linear_max_m(), path), _check_rows
-        else:
-            fn = lib.decode_attention
-            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            kernel, check = AttentionKernel(fn, path), _check_attention
+        kernel = bind(ctypes.CDLL(str(path)), path)
     except (OSError, AttributeError) as exc:
         return f"cannot load {path}: {exc}"
     problem = check(kernel)

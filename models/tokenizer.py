@@ -55,6 +55,14 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def keeps_line(piece: bytes, spaces: bool) -> bool:
+    """Whether text starting with `piece` keeps the current line going: something, and no line
+    break before its first character other than a space or tab; with spaces=False, not spaces
+    and tabs alone either (text must come)."""
+    text = piece.lstrip(b" \t")
+    return bool(text or (spaces and piece)) and not text.startswith((b"\n", b"\r"))
+
+
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer, tokenizer_config: dict | None = None,
                  eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None,
@@ -215,21 +223,15 @@ class Tokenizer:
         return [b for b, _ in pairs], [i for _, i in pairs]
 
     def line_text_ids(self, spaces: bool) -> list[int]:
-        """Ordinary tokens that do not end the current line: no line break before their first
-        character other than a space or tab; with spaces=False, not spaces and tabs alone either
-        (text must come). Added tokens excluded."""
+        """Ordinary tokens whose bytes keep the current line going (see `keeps_line`); added
+        tokens excluded."""
         return self._line_text_ids[spaces]
 
     @cached_property
     def _line_text_ids(self) -> dict[bool, list[int]]:
-        out: dict[bool, list[int]] = {True: [], False: []}
-        for i, b in enumerate(self.token_bytes):
-            rest = b.lstrip(b" \t")
-            if b and not rest.startswith((b"\n", b"\r")) and i not in self._added_ids:
-                out[True].append(i)
-                if rest:
-                    out[False].append(i)
-        return out
+        return {spaces: [i for i, b in enumerate(self.token_bytes)
+                         if i not in self._added_ids and keeps_line(b, spaces)]
+                for spaces in (True, False)}
 
     def is_added(self, token_id: int) -> bool:
         """A token of the added vocabulary (specials, control tokens): never extended by healing."""

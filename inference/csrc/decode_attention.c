@@ -114,8 +114,6 @@ static void attend(const float *const *qs, float *const *outs, const long *ts, i
     }
 }
 
-int decode_attention_max_rows(void) { return MAX_ROWS; }
-
 /* Returns 0, or 1 when the shapes are outside what this kernel handles (the caller uses SDPA). */
 int decode_attention(const float *q, const float *k, const float *v, const unsigned char *mask,
                      float *out, long H, long KH, long T, long S, long D, long head_stride,
