@@ -1,6 +1,7 @@
 """Specific reasons a generation request is refused; all are `GenerationError`s (inference/api.py).
 
-Each is raised before any model work starts, so the engine stays usable afterwards.
+Each is raised before any model work starts, so the engine stays usable afterwards; EngineError,
+from a remote engine, can also end a request that was under way.
 """
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ class EngineClosed(GenerationError):
 
 class AttentionUnavailable(GenerationError):
     """The requested attention kernel cannot run here (flash-attn without CUDA or half precision)."""
+
+
+class EngineError(GenerationError):
+    """A remote engine could not serve the request: unreachable, too slow, failing or refusing
+    it. The message says why, for the user; the backend's health says whether it is down."""
+
+    def __init__(self, message: str, fault: str):
+        super().__init__(message)
+        self.fault = fault
