@@ -1,23 +1,41 @@
-"""stablelm_lsp.models: checkpoints, configs, tokenizers and the decoder math."""
-from pathlib import Path
+"""stablelm_lsp.models: checkpoints, configs, tokenizers and the decoder math.
 
-from .checkpoint import LoadedModel, load_model, pick_device, pick_dtype, resolve_checkpoint
-from .config import SUPPORTED_MODEL_TYPES, ModelConfig
-from .decoder import Decoder, KVCache
-from .errors import CheckpointError, CheckpointNotFound, ModelError, PickleRefused, UnsupportedModel
-from .tokenizer import Tokenizer
+The names below are imported on first use (PEP 562), so that `builtin_model_path` and the
+errors can be had without importing torch (the server reports which model it loads before
+torch is loaded).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
 
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin"
 
 
 def builtin_model_path() -> Path:
-    """The small model trained by the project and shipped in the package (training/)."""
+    """The small model trained by the project and shipped in the package (training/): the one
+    place that knows where it lies."""
     return BUILTIN_MODEL_DIR
 
 
-__all__ = [
-    "BUILTIN_MODEL_DIR", "CheckpointError", "CheckpointNotFound", "Decoder", "KVCache",
-    "LoadedModel", "ModelConfig", "ModelError", "PickleRefused", "SUPPORTED_MODEL_TYPES",
-    "Tokenizer", "UnsupportedModel", "builtin_model_path", "load_model", "pick_device",
-    "pick_dtype", "resolve_checkpoint",
-]
+_LAZY = {
+    "LoadedModel": "checkpoint", "load_model": "checkpoint", "pick_device": "checkpoint",
+    "pick_dtype": "checkpoint", "resolve_checkpoint": "checkpoint",
+    "SUPPORTED_MODEL_TYPES": "config", "ModelConfig": "config",
+    "Decoder": "decoder", "KVCache": "decoder",
+    "CheckpointError": "errors", "CheckpointNotFound": "errors", "ModelError": "errors",
+    "PickleRefused": "errors", "UnsupportedModel": "errors",
+    "Tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = ["BUILTIN_MODEL_DIR", "builtin_model_path", *_LAZY]
