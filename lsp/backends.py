@@ -1,8 +1,8 @@
 """The completion model's life cycle in the server: background loading, status, swapping.
 
-lsp/ only sees the text-level `Backend` interface (inference/api.py); `load_local_backend` is the
-one place that picks the in-process implementation. The chat module loads its own model through
-`BackendManager.load` so that both go through the same path and settings.
+lsp/ only sees the text-level `Backend` interface (inference/api.py) and gets one from
+`inference.load.load_backend` with the settings' `BackendOptions`. The chat module loads its own
+model through `BackendManager.load` so that both go through the same path and options.
 
 Loads stop early when they are no longer wanted (a newer load, or the server exiting): the
 progress callback, called between tensors, raises `LoadCancelled`. A load still busy inside torch
@@ -10,68 +10,25 @@ cannot be stopped; `wait_idle` tells the server whether it has to exit without w
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 from stablelm_lsp.inference.api import Backend
+from stablelm_lsp.inference.load import BackendOptions, Progress, describe_model, load_backend
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# progress(fraction in [0, 1], message) while a checkpoint loads
-Progress = Callable[[float, str], None]
-Loader = Callable[[str | None, Settings, Progress], Backend]
+Loader = Callable[[str | None, BackendOptions], Backend]
 
 
 class LoadCancelled(Exception):
     """Raised by a load's progress callback when the load is no longer wanted."""
-
-
-def builtin_model_dir() -> Path | None:
-    """models/builtin/ found without importing stablelm_lsp.models (which imports torch)."""
-    spec = importlib.util.find_spec("stablelm_lsp.models")
-    locations = spec.submodule_search_locations if spec is not None else None
-    return Path(list(locations)[0]) / "builtin" if locations else None
-
-
-def describe_model(model: str | None) -> dict:
-    """{model, path, builtin} for the status, the same before and after loading: `model` is the
-    Hub id as given or the checkpoint folder's name; `path` the folder (None for a Hub id until it
-    is found in the cache)."""
-    if model is None:
-        folder = builtin_model_dir()
-        return {"model": folder.name if folder else "builtin",
-                "path": os.path.abspath(folder) if folder else None, "builtin": True}
-    local = Path(model).expanduser()
-    if not local.exists():
-        return {"model": model, "path": None, "builtin": False}
-    folder = Path(os.path.abspath(local))
-    builtin = builtin_model_dir()
-    return {"model": folder.name or str(folder), "path": str(folder),
-            "builtin": builtin is not None and folder.resolve() == builtin.resolve()}
-
-
-def load_local_backend(model: str | None, settings: Settings, progress: Progress) -> Backend:
-    """`model` (a folder or Hub id; None: the built-in model) in this process."""
-    from stablelm_lsp.inference.backend import LocalBackend
-    from stablelm_lsp.models import builtin_model_path
-
-    return LocalBackend.load(model or str(builtin_model_path()), device=settings.device,
-                             dtype=settings.dtype, allow_pickle=settings.allow_pickle,
-                             progress=progress, prefix_reuse=settings.prefix_cache,
-                             **engine_options(settings))
-
-
-def engine_options(settings) -> dict:
-    """The engine's options from settings (or the CLI's arguments, which use the same names)."""
-    return {"attention": settings.attention, "decode_step": settings.decode_step,
-            **({} if settings.speculation else {"draft_tokens": 0})}
 
 
 class BackendManager:
@@ -80,7 +37,7 @@ class BackendManager:
 
     def __init__(self, on_status: Callable[[dict], None],
                  on_progress: Callable[[str, float, str, int], None],
-                 loader: Loader = load_local_backend):
+                 loader: Loader = load_backend):
         """on_status(status) on every change; on_progress(kind: begin|report|end, fraction,
         message, load) while loading, `load` numbering the background loads. Both are called
         from the loading thread."""
@@ -107,12 +64,12 @@ class BackendManager:
         with self._lock:
             return dict(self._status)
 
-    def load(self, model: str | None, settings: Settings, progress: Progress | None = None,
+    def load(self, model: str | None, options: BackendOptions,
              wanted: Callable[[], bool] = lambda: True) -> Backend:
-        """Load a model synchronously with this manager's loader (used for chat models). Raises
-        LoadCancelled once the manager is closed or `wanted()` is false, at the next progress
-        call (between tensors)."""
-        report = progress or (lambda fraction, message: None)
+        """Load a model synchronously with this manager's loader (used for chat models), reporting
+        to `options.progress`. Raises LoadCancelled once the manager is closed or `wanted()` is
+        false, at the next progress call (between tensors)."""
+        report = options.progress or (lambda fraction, message: None)
 
         def checked(fraction: float, message: str) -> None:
             if self._closed or not wanted():
@@ -124,7 +81,7 @@ class BackendManager:
                 raise LoadCancelled("the server is exiting")
             self._loads += 1
         try:
-            return self._loader(model, settings, checked)
+            return self._loader(model, dataclasses.replace(options, progress=checked))
         finally:
             with self._lock:
                 self._loads -= 1
@@ -174,10 +131,10 @@ class BackendManager:
         label = settings.model or "the built-in model"
         self._on_progress("begin", 0.0, f"loading {label}", generation)
         try:
-            backend = self.load(
-                settings.model, settings,
-                lambda fraction, message: self._on_progress("report", fraction, message, generation),
-                wanted=lambda: generation == self._generation)
+            progress: Progress = lambda fraction, message: self._on_progress(
+                "report", fraction, message, generation)
+            backend = self.load(settings.model, settings.backend_options(progress),
+                                wanted=lambda: generation == self._generation)
         except LoadCancelled as exc:
             log.info("%s", exc)
             self._on_progress("end", 1.0, "stopped", generation)

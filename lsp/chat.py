@@ -197,15 +197,14 @@ class ChatService:
                 async with self._load_lock:
                     self.close()
             return await self._completion_backend(cancel)
-        key = (settings.chat_model, settings.device, settings.dtype, settings.allow_pickle,
-               settings.prefix_cache)
+        key = (settings.chat_model, settings.backend_options())
         async with self._load_lock:
             if self._chat_backend_key != key:
                 self.close()
                 log.info("loading the chat model %s", settings.chat_model)
                 try:
                     self._chat_backend = await asyncio.to_thread(
-                        self.server.backends.load, settings.chat_model, settings)
+                        self.server.backends.load, settings.chat_model, key[1])
                 except Exception as exc:    # a bad path or checkpoint: the user's to fix
                     log.error("could not load the chat model %s: %s", settings.chat_model, exc)
                     raise JsonRpcException(f"{CHAT_COMMAND}: the chat model {settings.chat_model} "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
 
-from .common import add_model_arguments, load_backend, run_guarded
+from .common import add_model_arguments, open_backend, run_guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def _chat(args: argparse.Namespace) -> int:
     conversation: list[ChatMessage] = [ChatMessage("system", args.system)] if args.system else []
     if args.question is not None:   # refused before the model loads
         check_messages([*conversation, ChatMessage("user", args.question)])
-    backend = load_backend(args)
+    backend = open_backend(args)
     keep_from = 0
     interactive = args.question is None
     questions = iter([args.question]) if not interactive else _read_questions()

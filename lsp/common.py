@@ -11,8 +11,6 @@ import sys
 import traceback
 from typing import Callable
 
-log = logging.getLogger("stablelm_lsp")
-
 EXIT_USAGE = 2
 
 
@@ -34,31 +32,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
-def model_path(model: str | None) -> str:
-    """The configured model, or the built-in one (saying so on stderr)."""
-    if model:
-        return model
-    from stablelm_lsp.models import builtin_model_path
-
-    path = builtin_model_path()
-    log.info("using the built-in model (%s); pass --model with a checkpoint folder or Hub id "
-             "(e.g. stabilityai/stable-code-3b) for real completions", path)
-    return str(path)
+def model_flags(args: argparse.Namespace) -> dict:
+    """The model arguments as settings (JSON names), those given only."""
+    flags = {"model": args.model, "device": args.device, "dtype": args.dtype,
+             "allowPickle": args.allow_pickle or None, "attention": args.attention,
+             "decodeStep": args.decode_step, "speculation": False if not args.speculation else None}
+    return {k: v for k, v in flags.items() if v is not None}
 
 
-def load_backend(args: argparse.Namespace):
-    from stablelm_lsp.inference.backend import LocalBackend
+def open_backend(args: argparse.Namespace):
+    """The backend the model arguments name (inference.load.load_backend)."""
+    from stablelm_lsp.inference.load import load_backend
 
-    from .backends import engine_options
+    from .settings import Settings
 
-    return LocalBackend.load(model_path(args.model), device=args.device, dtype=args.dtype,
-                             allow_pickle=args.allow_pickle, **engine_options(args))
+    settings = Settings().merged(model_flags(args))
+    return load_backend(settings.model, settings.backend_options())
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug."""
     from stablelm_lsp.inference.api import GenerationError
-    from stablelm_lsp.models.errors import ModelError
+    from stablelm_lsp.inference.load import ModelError
 
     return (ModelError, GenerationError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError)
 

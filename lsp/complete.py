@@ -47,7 +47,8 @@ def _complete(args: argparse.Namespace) -> int:
     from pygls.protocol import default_converter
     from pygls.uris import from_fs_path
 
-    from .backends import load_local_backend
+    from stablelm_lsp.inference.load import load_backend
+
     from .completion import Completer
     from .documents import Document, PositionEncoding
     from .prompt import TemplateError
@@ -69,7 +70,7 @@ def _complete(args: argparse.Namespace) -> int:
     root = (args.root or Path.cwd()).resolve()
     rel, repo = relative_path(uri, [from_fs_path(str(root))])
 
-    backend = load_local_backend(settings.model, settings, lambda fraction, message: None)
+    backend = load_backend(settings.model, settings.backend_options())
     try:
         completer = Completer(backend, settings)
         completion = completer.complete(doc.lines, cursor, path=rel, repo=repo, key=uri)

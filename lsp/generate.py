@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .common import add_model_arguments, load_backend, run_guarded
+from .common import add_model_arguments, open_backend, run_guarded
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from stablelm_lsp.inference.api import GenerationRequest
 
-    backend = load_backend(args)
+    backend = open_backend(args)
     request = GenerationRequest(
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_model_stops=not args.no_stop)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import EXIT_USAGE, add_model_arguments
+from .common import EXIT_USAGE, add_model_arguments, model_flags
 from .settings import Settings, SettingsError
 
 SERVE_FLAGS = ("--stdio", "--tcp")
@@ -52,8 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings with the flags given on the command line; raises SettingsError."""
     flags = {
-        "model": args.model, "device": args.device, "dtype": args.dtype,
-        "allowPickle": args.allow_pickle or None,
+        **model_flags(args),
         "maxNewTokens": args.max_new_tokens, "maxLines": args.max_lines,
         "temperature": args.temperature, "contextTokens": args.context_tokens,
         "template": args.template, "timeoutMs": args.timeout_ms,
@@ -62,8 +61,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "chatMaxNewTokens": getattr(args, "chat_max_new_tokens", None),
         "statsFile": getattr(args, "stats_file", None),
         "prefixCache": False if getattr(args, "no_prefix_cache", False) else None,
-        "speculation": False if not args.speculation else None,
-        "attention": args.attention, "decodeStep": args.decode_step,
     }
     return Settings().merged({k: v for k, v in flags.items() if v is not None})
 

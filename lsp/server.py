@@ -50,9 +50,10 @@ from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 
 from stablelm_lsp.inference.api import GenerationError
+from stablelm_lsp.inference.load import load_backend
 
 from . import chat
-from .backends import BackendManager, Loader, load_local_backend
+from .backends import BackendManager, Loader
 from .completion import Completer, ShownCompletion
 from .documents import Cursor, Document, DocumentStore, EditError, PositionEncoding
 from .postprocess import Completion
@@ -231,7 +232,7 @@ class _DocumentSession:
 class StableLMServer(LanguageServer):
     protocol: StableLMProtocol
 
-    def __init__(self, settings: Settings, loader: Loader = load_local_backend):
+    def __init__(self, settings: Settings, loader: Loader = load_backend):
         super().__init__(SERVER_NAME, _version(), protocol_cls=StableLMProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.settings = settings

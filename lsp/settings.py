@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+from stablelm_lsp.inference.load import BackendOptions, Progress
 
 SECTION = "stablelm"
 
@@ -54,11 +55,16 @@ class Settings:
         state = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
         return Path(state) / "stablelm-lsp" / "stats.json"
 
+    def backend_options(self, progress: Progress | None = None) -> BackendOptions:
+        """How inference.load.load_backend runs the model under these settings."""
+        return BackendOptions(device=self.device, dtype=self.dtype, attention=self.attention,
+                              decode_step=self.decode_step, speculation=self.speculation,
+                              prefix_cache=self.prefix_cache, allow_pickle=self.allow_pickle,
+                              progress=progress)
+
     def model_changed(self, other: "Settings") -> bool:
         """Whether going to `other` needs the completion model loaded again."""
-        return any(getattr(self, f) != getattr(other, f)
-                   for f in ("model", "device", "dtype", "allow_pickle", "prefix_cache",
-                             "speculation", "attention", "decode_step"))
+        return self.model != other.model or self.backend_options() != other.backend_options()
 
     def merged(self, values: Mapping[str, Any] | None) -> "Settings":
         """These settings updated from client JSON; raises SettingsError (with the good values

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stablelm_lsp.lsp.backends import describe_model
+from stablelm_lsp.inference.load import describe_model
 from stablelm_lsp.lsp.completion import ShownCompletion
 from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
 from stablelm_lsp.lsp.postprocess import Completion
