@@ -50,6 +50,7 @@ from pygls.protocol.language_server import lsp_method
 from pygls.uris import to_fs_path
 
 from stablelm_lsp.inference.api import GenerationError
+from stablelm_lsp.inference.errors import EngineError
 from stablelm_lsp.inference.load import load_backend
 
 from . import chat
@@ -247,6 +248,7 @@ class StableLMServer(LanguageServer):
         self.last_run: dict | None = None    # the latest generation's numbers, for stablelm.status
         self._runs = 0
         self._settings_problems: list[str] = []
+        self._faults_shown: set[str] = set()    # kinds of remote engine failure shown to the user
         self._progress_events: asyncio.Queue | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Future | None = None     # set by request_stop (a signal)
@@ -434,12 +436,23 @@ class StableLMServer(LanguageServer):
         self._in_loop(self._publish_status, status)
 
     def _publish_status(self, status: dict) -> None:
-        if status["state"] == "ready":
+        if status["state"] == "loading":
+            self._faults_shown.clear()
+        # A remote engine that is down keeps its completer: its backend answers at once with
+        # an error (completions come back empty) and learns from the requests to retry sooner.
+        if self.backends.backend is not None:
             self._rebuild_completer()
         elif status["state"] == "error":
             self.completer = None
-            self.window_show_message(types.ShowMessageParams(
-                types.MessageType.Error, f"stablelm-lsp: the model did not load: {status['message']}"))
+        if status["state"] == "error":
+            fault = status.get("fault")
+            if fault is None:
+                self.window_show_message(types.ShowMessageParams(
+                    types.MessageType.Error, f"stablelm-lsp: the model did not load: {status['message']}"))
+            elif fault not in self._faults_shown:       # each kind once, not on every keystroke
+                self._faults_shown.add(fault)
+                self.window_show_message(types.ShowMessageParams(
+                    types.MessageType.Error, f"stablelm-lsp: {status['message']}"))
         self.protocol.notify(STATUS_NOTIFICATION, status)
 
     def _on_progress(self, kind: str, fraction: float, message: str, load: int) -> None:
@@ -594,6 +607,9 @@ class StableLMServer(LanguageServer):
                 pending = completer.prepare(doc.lines, cursor, path=path, repo=repo,
                                             context_files=self._context_files(doc), key=uri)
                 result = await completer.backend.agenerate(pending.request, cancel=cancel)
+            except EngineError as exc:      # a remote engine's fault: in the status, not per request
+                log.debug("no completion for %s: %s", uri, exc)
+                return None
             except (GenerationError, TemplateError) as exc:
                 raise JsonRpcException(f"stablelm-lsp: {exc}", code=REQUEST_FAILED) from exc
         finally:
@@ -712,15 +728,17 @@ def relative_path(uri: str, root_uris: list[str]) -> tuple[str, str]:
 
 def configure_logging(log_file: str | None, level: str) -> None:
     """Log to `log_file` or stderr, never stdout. pygls logs every message body at INFO and torch
-    its caches' statistics at exit: they get WARNING unless the level is DEBUG."""
+    its caches' statistics at exit, httpx each request to a remote engine: they get WARNING
+    unless the level is DEBUG."""
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     if root.level > logging.DEBUG:
-        logging.getLogger("pygls").setLevel(logging.WARNING)
-        logging.getLogger("torch").setLevel(logging.WARNING)
+        # httpx logs every request to a remote engine at INFO
+        for name in ("pygls", "torch", "httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def exit_now(code: int) -> None:

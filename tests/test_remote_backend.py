@@ -14,8 +14,7 @@ import pytest
 from fake_engine import FakeEngine, free_port
 from stablelm_lsp.inference.api import GenerationRequest, PromptPart
 from stablelm_lsp.inference.errors import EngineError, InvalidParameter
-from stablelm_lsp.inference.remote import RemoteBackend, RemoteOptions
-from stablelm_lsp.inference.remote.backend import ZERO_WIDTH_SPACE
+from stablelm_lsp.inference.remote.backend import ZERO_WIDTH_SPACE, RemoteBackend, RemoteOptions
 from stablelm_lsp.inference.remote.engines import MAX_STOPS
 from stablelm_lsp.models import Tokenizer
 

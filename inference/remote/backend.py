@@ -44,10 +44,10 @@ from stablelm_lsp.inference.checks import SamplingParams, checked_parts
 from stablelm_lsp.inference.errors import EngineClosed, EngineError, InvalidParameter
 from stablelm_lsp.inference.stopping import TextStops
 
-from .client import EngineClient, EngineFault, check_endpoint, display_url
+from .client import EngineClient, EngineFault
 from .describe import EngineFacts, describe, detect_kind
-from .engines import (ENDPOINT_KINDS, KINDS, WireParams, chat_body, completion_body,
-                      engine_stops, parse_event)
+from .engines import (ENDPOINT_KINDS, KINDS, WireParams, chat_body, check_endpoint, completion_body,
+                      display_url, engine_stops, parse_event)
 
 log = logging.getLogger(__name__)
 
@@ -122,16 +122,18 @@ class _LoopThread:
 
     def __init__(self, name: str):
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
 
     def submit(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout: float = 2.0) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
+        if threading.current_thread() is self.thread:
+            return
+        self.thread.join(timeout)
+        if not self.thread.is_alive():
             self.loop.close()
 
 
@@ -230,12 +232,17 @@ class RemoteBackend(Backend):
             raise
 
     def close(self) -> None:
+        """Close the connections (running requests end as if cancelled) and the loop's thread."""
         if self._closed:
             return
         self._closed = True
+        future = self._loop.submit(self._shutdown())
+        if threading.current_thread() is self._loop.thread:     # a listener: no waiting on itself
+            future.add_done_callback(lambda _: self._loop.stop())
+            return
         try:
-            self._loop.submit(self._shutdown()).result(2.0)
-        except (concurrent.futures.TimeoutError, RuntimeError):
+            future.result(2.0)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError, RuntimeError):
             pass
         self._loop.stop()
 

@@ -12,12 +12,11 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from httpx_sse import EventSource, SSEError
 
-from .engines import error_message
+from .engines import check_endpoint, display_url, error_message
 
 log = logging.getLogger(__name__)
 
@@ -37,27 +36,6 @@ class EngineFault(Exception):
         self.fault = fault
         self.message = message
         self.blocking = blocking
-
-
-def display_url(url: str) -> str:
-    """`url` without user:password@ (it can be shown and logged)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def check_endpoint(url: str) -> str:
-    """The base URL without a trailing `/` (or `/v1`, which every route here adds itself);
-    ValueError for something that is not an http(s) URL."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint must be an http:// or https:// URL, got {display_url(url)!r}")
-    base = url.strip().rstrip("/")
-    return base[:-3] if base.endswith("/v1") else base
 
 
 class EngineClient:

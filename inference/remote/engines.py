@@ -18,9 +18,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 MAX_STOPS = 4
 ENDPOINT_KINDS = ("auto", "openai", "vllm", "llamacpp", "ollama")
+
+
+def display_url(url: str) -> str:
+    """`url` without user:password@ (it can be shown and logged)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def check_endpoint(url: str) -> str:
+    """The base URL without a trailing `/` (or `/v1`, which every route here adds itself);
+    ValueError for something that is not an http(s) URL."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint must be an http:// or https:// URL, got {display_url(url)!r}")
+    base = url.strip().rstrip("/")
+    return base[:-3] if base.endswith("/v1") else base
 
 
 @dataclass(frozen=True)
