@@ -6,6 +6,7 @@ by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 import uuid
@@ -70,6 +71,18 @@ async def start(tmp_path: Path, endpoint: str, *flags: str, env: dict | None = N
     return client
 
 
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, endpoint: str, *flags: str, text: str = SOURCE, **kwargs):
+    """(client, uri of an open document holding `text`) for the duration of the block."""
+    client = await start(tmp_path, endpoint, *flags, **kwargs)
+    try:
+        uri = (tmp_path / "proj" / "a.py").as_uri()
+        open_document(client, uri, text)
+        yield client, uri
+    finally:
+        await stop_client(client)
+
+
 def errors_shown(client) -> list[str]:
     return [m.message for m in client.messages if m.type == types.MessageType.Error]
 
@@ -83,8 +96,7 @@ async def eventually(test, timeout: float = TIMEOUT_S):
 
 async def test_completion_comes_from_the_engine_with_the_local_prompt(tmp_path, engines, tokenizer_dir):
     engine = engines("llamacpp", reply="_config('a.cfg')\nprint(x)\n", piece_chars=3)
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir))
-    try:
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir)) as (client, uri):
         current = await status(client)
         assert current["state"] == "ready" and current["endpoint"] == engine.url
         assert (current["device"], current["dtype"]) == (engine.url, "llamacpp")
@@ -93,30 +105,24 @@ async def test_completion_comes_from_the_engine_with_the_local_prompt(tmp_path, 
         maps = Path(f"/proc/{client._server.pid}/maps")
         if maps.exists():
             assert "libtorch" not in maps.read_text()
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
         items = await inline(client, uri, *CURSOR)
         assert [i.insert_text for i in items] == ["_config('a.cfg')"]
         body = engine.completions()[-1].body
         prompt = body["prompt"]
         assert isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
         text = Tokenizer.from_folder(tokenizer_dir).decode(prompt)
-        assert text.startswith("<repo_name>proj<file_sep><fim_prefix>a.py\nimport os") and text.endswith("<fim_middle>x = read_")
+        assert text.startswith("<repo_name>proj<file_sep><fim_prefix>a.py\nimport os")
+        assert text.endswith("<fim_middle>x = read_")
         # A partly typed statement: our rule ends it at the line's end (the engine is not told
         # to stop at newlines, the line may go on); the model's stop texts go to the engine.
         assert body["cache_prompt"] is True and body["id_slot"] == 0 and "<file_sep>" in body["stop"]
         last = (await status(client))["lastRun"]
         assert last["promptTokens"] == len(prompt) and last["finishReason"] in ("eos", "stop")
-    finally:
-        await stop_client(client)
 
 
 async def test_typing_reuses_the_engines_cache(tmp_path, engines, tokenizer_dir):
     engine = engines("llamacpp", reply="zzz")
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir))
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir)) as (client, uri):
         await inline(client, uri, *CURSOR)
         line, column = CURSOR
         for version, char in enumerate("con", start=2):
@@ -125,16 +131,12 @@ async def test_typing_reuses_the_engines_cache(tmp_path, engines, tokenizer_dir)
             await inline(client, uri, line, column)
             last = (await status(client))["lastRun"]
             assert last["promptTokens"] - last["reusedTokens"] <= 3, last
-    finally:
-        await stop_client(client)
 
 
 async def test_cancel_closes_the_engines_stream(tmp_path, engines, tokenizer_dir):
     engine = engines("vllm", reply="a" * 2000, piece_chars=1, delay_s=0.005)
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir), "--max-new-tokens", "2000")
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, "def f():\n    \n")
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir), "--max-new-tokens", "2000",
+                       text="def f():\n    \n") as (client, uri):
         future = client.protocol.send_request("textDocument/inlineCompletion",
                                               inline_params(uri, 1, 4), msg_id="to-cancel")
         assert await asyncio.to_thread(engine.wait_for, lambda: len(engine.completions()) == 1)
@@ -151,19 +153,14 @@ async def test_cancel_closes_the_engines_stream(tmp_path, engines, tokenizer_dir
         change(client, uri, 2, (1, 4), (1, 4), "r")
         assert await request == []
         assert await asyncio.to_thread(engine.wait_for, lambda: engine.disconnects == 2)
-    finally:
-        await stop_client(client)
 
 
 async def test_engine_down_at_start_then_up(tmp_path, engines, tokenizer_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    client = await start(tmp_path, url, "--model", str(tokenizer_dir), wait=("error",))
-    try:
+    async with serving(tmp_path, url, "--model", str(tokenizer_dir), wait=("error",)) as (client, uri):
         current = await status(client)
         assert current["fault"] == "unreachable" and f"cannot reach the engine at {url}" in current["message"]
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
         for _ in range(5):      # keystrokes while it is down: empty at once, one message
             assert await inline(client, uri, *CURSOR) == []
         assert len(errors_shown(client)) == 1 and "cannot reach" in errors_shown(client)[0]
@@ -172,16 +169,11 @@ async def test_engine_down_at_start_then_up(tmp_path, engines, tokenizer_dir):
         assert [i.insert_text for i in await inline(client, uri, *CURSOR)] == ["_config(path)"]
         states = [s.state for s in client.statuses]
         assert states[-1] == "ready" and "error" in states
-    finally:
-        await stop_client(client)
 
 
 async def test_engine_failing_then_recovering(tmp_path, engines, tokenizer_dir):
     engine = engines("vllm", reply="_config(path)")
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir))
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir)) as (client, uri):
         engine.fail_status = 500
         for _ in range(4):
             assert await inline(client, uri, *CURSOR) == []
@@ -204,34 +196,26 @@ async def test_engine_failing_then_recovering(tmp_path, engines, tokenizer_dir):
 
         await eventually(answers)
         assert (await status(client))["state"] == "ready"
-    finally:
-        await stop_client(client)
 
 
 async def test_slow_engine_does_not_block(tmp_path, engines, tokenizer_dir):
     engine = engines("ollama", reply="_config(path)", header_delay_s=3.0)
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir), "--timeout-ms", "300")
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir),
+                       "--timeout-ms", "300") as (client, uri):
         start_time = time.monotonic()
         assert await inline(client, uri, *CURSOR) == []
         assert time.monotonic() - start_time < 2.5
         current = await status(client)      # the server answers meanwhile
         assert current["fault"] == "timeout" and "did not answer" in current["message"]
-    finally:
-        await stop_client(client)
 
 
 async def test_api_key_is_used_and_never_logged_or_shown(tmp_path, engines, tokenizer_dir):
     secret = "sk-remote-test-5f3c9a"
     engine = engines("vllm", api_key=secret, reply="_config(path)")
     log_file = tmp_path / "server.log"
-    client = await start(tmp_path, engine.url, "--model", str(tokenizer_dir), "--log-level", "debug",
-                         "--log-file", str(log_file), env={"STABLELM_LSP_API_KEY": secret})
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir), "--log-level", "debug",
+                       "--log-file", str(log_file),
+                       env={"STABLELM_LSP_API_KEY": secret}) as (client, uri):
         assert [i.insert_text for i in await inline(client, uri, *CURSOR)] == ["_config(path)"]
         engine.api_key = "sk-rotated"       # the engine changes its key: refused, shown, not leaked
         assert await inline(client, uri, 8, 4) == []
@@ -241,14 +225,11 @@ async def test_api_key_is_used_and_never_logged_or_shown(tmp_path, engines, toke
         logged = log_file.read_text()
         assert "/v1/completions" in logged         # debug logging was on
         assert secret not in logged and secret not in seen
-    finally:
-        await stop_client(client)
 
 
 async def test_chat_streams_from_the_engines_chat_route(tmp_path, engines):
     engine = engines("vllm", reply="It reads the file. " * 40, piece_chars=4, delay_s=0.002)
-    client = await start(tmp_path, engine.url, "--model", "tiny")
-    try:
+    async with serving(tmp_path, engine.url, "--model", "tiny") as (client, _):
         chat_id = str(uuid.uuid4())
         answer = await client.workspace_execute_command_async(types.ExecuteCommandParams(
             CHAT_COMMAND, [{"chatId": chat_id, "messages": [{"role": "user", "content": "What?"}]}]))
@@ -268,17 +249,12 @@ async def test_chat_streams_from_the_engines_chat_route(tmp_path, engines):
         with pytest.raises(JsonRpcRequestCancelled):
             await asyncio.wrap_future(future)
         assert await asyncio.to_thread(engine.wait_for, lambda: engine.disconnects == 1)
-    finally:
-        await stop_client(client)
 
 
 async def test_endpoint_setting_switches_engines(tmp_path, engines, tokenizer_dir):
     first = engines("llamacpp", reply="_one")
     second = engines("vllm", reply="_two")
-    client = await start(tmp_path, first.url, "--model", str(tokenizer_dir))
-    try:
-        uri = (tmp_path / "proj" / "a.py").as_uri()
-        open_document(client, uri, SOURCE)
+    async with serving(tmp_path, first.url, "--model", str(tokenizer_dir)) as (client, uri):
         assert [i.insert_text for i in await inline(client, uri, *CURSOR)] == ["_one"]
         client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
             settings={"stablelm": {"endpoint": second.url, "endpointKind": "vllm"}}))
@@ -294,5 +270,3 @@ async def test_endpoint_setting_switches_engines(tmp_path, engines, tokenizer_di
         await status(client)
         assert any("endpoint" in m.message for m in client.messages
                    if m.type == types.MessageType.Warning)
-    finally:
-        await stop_client(client)
