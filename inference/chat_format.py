@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
@@ -31,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .api import (CountTokens, GenerationError, GenerationRequest, ModelInfo, PromptPart,
                   join_parts, prompt_text, text_counter)
+from .lru import LRU
 
 ROLES = ("system", "user", "assistant")
 
@@ -475,8 +475,7 @@ class ConversationMemory:
     """
 
     def __init__(self, max_entries: int = 16):
-        self._entries: OrderedDict[tuple[ChatMessage, ...], ChatPrompt] = OrderedDict()
-        self._max_entries = max_entries
+        self._entries: LRU[tuple[ChatMessage, ...], ChatPrompt] = LRU(max_entries)
 
     def resolve(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], int]:
         """(messages with remembered contexts restored, keep_from) for a new request."""
@@ -487,8 +486,4 @@ class ConversationMemory:
         return list(messages), 0
 
     def remember(self, messages: Sequence[ChatMessage], prompt: ChatPrompt) -> None:
-        key = tuple(messages)
-        self._entries[key] = prompt
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(tuple(messages), prompt)

@@ -16,12 +16,12 @@ the prompt's start stays put while typing and moves in steps of whole chunks as 
 from __future__ import annotations
 
 import string
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from stablelm_lsp.inference.api import (CountTokens, PromptPart, SpecialTokens, join_parts,
                                         prompt_text, text_counter)
+from stablelm_lsp.inference.lru import LRU
 
 from .documents import line_content
 
@@ -52,8 +52,7 @@ class TokenCounter:
 
     def __init__(self, count: CountTokens, max_entries: int = 1 << 16):
         self._count = count
-        self._cache: OrderedDict[tuple[PromptPart, ...], int] = OrderedDict()
-        self._max_entries = max_entries
+        self._cache: LRU[tuple[PromptPart, ...], int] = LRU(max_entries)
 
     def __call__(self, parts: Sequence[PromptPart]) -> int:
         key = join_parts(parts)
@@ -61,12 +60,9 @@ class TokenCounter:
             return 0
         cached = self._cache.get(key)
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         tokens = self._count(key)
-        self._cache[key] = tokens
-        if len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+        self._cache.put(key, tokens)
         return tokens
 
 
