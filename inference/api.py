@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 # What tokenizers know about prompts lives with them (models/); it is part of this interface.
 from stablelm_lsp.models.prompt_parts import PromptPart, SpecialTokens, join_parts, prompt_text
 
-__all__ = ["Backend", "CountTokens", "GenerationError", "GenerationRequest", "GenerationResult",
-           "ModelInfo", "PromptPart", "SpecialTokens", "join_parts", "prompt_text", "text_counter"]
+__all__ = ["Backend", "GenerationError", "GenerationRequest", "GenerationResult", "ModelInfo",
+           "PromptPart", "SpecialTokens", "join_parts", "prompt_text"]
 
 
 class GenerationError(ValueError):
@@ -41,15 +41,6 @@ class ModelInfo:
     chat_template: str | None = None  # jinja source from tokenizer_config.json
     device: str = "cpu"
     dtype: str = "float32"
-
-
-# Counts the tokens of prompt parts: `Backend.count_tokens`, or a cache in front of it.
-CountTokens = Callable[[Sequence[PromptPart]], int]
-
-
-def text_counter(count_tokens: CountTokens) -> Callable[[str], int]:
-    """Tokens of document or message text (a plain part), from a counter of parts."""
-    return lambda text: count_tokens((PromptPart(text),)) if text else 0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+from stablelm_lsp.inference.prompts.chat import CHAT_MAX_NEW_TOKENS
 from stablelm_lsp.inference.load import BackendOptions, Progress
 
 SECTION = "stablelm"
@@ -42,7 +42,7 @@ class Settings:
     chat_model: str | None = None     # read by the chat module; None: the completion model
     chat_max_new_tokens: int = CHAT_MAX_NEW_TOKENS   # longest chat reply (read by the chat module)
     enabled: bool = True
-    template: str | None = None       # prompt template (see prompt.PromptTemplate)
+    template: str | None = None       # prompt template (see inference/prompts/fim.py)
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
     speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
@@ -136,7 +136,7 @@ def _check(name: str, value: Any) -> Any:
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ValueError(f"{value!r} is not one of {', '.join(_CHOICES[name])}")
     if name == "template":
-        from .prompt import PromptTemplate, TemplateError
+        from stablelm_lsp.inference.prompts.fim import PromptTemplate, TemplateError
 
         try:
             PromptTemplate(value)
