@@ -19,27 +19,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+# What tokenizers know about prompts lives with them (models/); it is part of this interface.
+from stablelm_lsp.models.prompt_parts import PromptPart, SpecialTokens, join_parts, prompt_text
+
+__all__ = ["Backend", "GenerationError", "GenerationRequest", "GenerationResult", "ModelInfo",
+           "PromptPart", "SpecialTokens", "join_parts", "prompt_text"]
+
 
 class GenerationError(ValueError):
     """A request the engine cannot serve (empty prompt, too long, bad parameters)."""
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Text of the special tokens a prompt format may use; None when the tokenizer lacks one."""
-
-    eos: str | None = None
-    bos: str | None = None
-    fim_prefix: str | None = None
-    fim_suffix: str | None = None
-    fim_middle: str | None = None
-    fim_pad: str | None = None
-    file_sep: str | None = None
-    repo_name: str | None = None
-
-    @property
-    def has_fim(self) -> bool:
-        return bool(self.fim_prefix and self.fim_suffix and self.fim_middle)
 
 
 @dataclass(frozen=True)
@@ -54,42 +42,6 @@ class ModelInfo:
     chat_template: str | None = None  # jinja source from tokenizer_config.json
     device: str = "cpu"
     dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class PromptPart:
-    """A piece of a prompt. special=True: the prompt format's own text, where special-token text
-    (`<fim_middle>`, `<|user|>`) becomes the special token. special=False: content (documents,
-    messages, paths), encoded as ordinary text whatever it contains."""
-
-    text: str
-    special: bool = False
-
-
-def join_parts(parts: Sequence[PromptPart]) -> tuple[PromptPart, ...]:
-    """`parts` without empty ones, neighbours of the same kind joined into one."""
-    joined: list[PromptPart] = []
-    for part in parts:
-        if not part.text:
-            continue
-        if joined and joined[-1].special == part.special:
-            joined[-1] = PromptPart(joined[-1].text + part.text, part.special)
-        else:
-            joined.append(part)
-    return tuple(joined)
-
-
-def prompt_text(parts: Sequence[PromptPart]) -> str:
-    return "".join(part.text for part in parts)
-
-
-# Counts the tokens of prompt parts: `Backend.count_tokens`, or a cache in front of it.
-CountTokens = Callable[[Sequence[PromptPart]], int]
-
-
-def text_counter(count_tokens: CountTokens) -> Callable[[str], int]:
-    """Tokens of document or message text (a plain part), from a counter of parts."""
-    return lambda text: count_tokens((PromptPart(text),)) if text else 0
 
 
 @dataclass

@@ -6,11 +6,16 @@ splitting a character, never showing part of a stop string) and leaves everythin
 the `Engine`.
 
 Token healing (`GenerationRequest.token_healing`): a prompt ending where the user's cursor is
-often ends inside a word, and its last token is one the model rarely saw there (`fina` rather
-than `finally`). The last token is taken back and the first generated token is limited to the
-tokens whose bytes start with its bytes; those bytes are cut from the generated text before
-anything is streamed, stop-matched or returned, so the text still starts at the end of the prompt.
-One token is taken back (as guidance and transformers' `token_healing` do), never a special one.
+often ends inside a word, and its last tokens are ones the model rarely saw there (`fina` rather
+than `finally`, `retur` as `ret` + `ur`). Up to four tokens of the word at the cursor
+(`HEAL_TOKENS`, as many as one ordinary token still extends; guidance and transformers'
+`token_healing` take back one) are taken back, never a special one nor indentation, and the first
+generated token is limited to the tokens whose bytes start with their bytes; those bytes are cut
+from the generated text before anything is streamed, stop-matched or returned, so the text still
+starts at the end of the prompt.
+
+`nonblank_first_token` (a cursor on a blank line) bars a first token that ends the line
+(`keeps_line`, `line_text_ids`).
 """
 from __future__ import annotations
 
@@ -20,8 +25,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-
-from stablelm_lsp.models.tokenizer import keeps_line
 
 from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart
 from .checks import SamplingParams, checked_parts
@@ -142,7 +145,7 @@ class LocalBackend(Backend):
         cached = self._line_text_ids.get(spaces)
         if cached is None:
             vocab = self.engine.sample_vocab
-            ids = [i for i in self.tokenizer.line_text_ids(spaces) if i < vocab]
+            ids = [i for i in line_text_ids(self.tokenizer, spaces) if i < vocab]
             cached = self._line_text_ids[spaces] = torch.tensor(ids, dtype=torch.long)
         return cached
 
@@ -202,3 +205,19 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self.engine.close()
+
+
+def keeps_line(piece: bytes, spaces: bool) -> bool:
+    """Whether text starting with `piece` keeps the current line going: something, and no line
+    break before its first character other than a space or tab; with spaces=False, not spaces
+    and tabs alone either (text must come)."""
+    text = piece.lstrip(b" \t")
+    return bool(text or (spaces and piece)) and not text.startswith((b"\n", b"\r"))
+
+
+def line_text_ids(tokenizer, spaces: bool) -> list[int]:
+    """Ordinary tokens of `tokenizer` (a models.Tokenizer) whose bytes keep the current line
+    going (see `keeps_line`); added tokens excluded."""
+    return [i for i, piece in enumerate(tokenizer.token_bytes)
+            if not tokenizer.is_added(i) and keeps_line(piece, spaces)]
+

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import operator
 import os
-from collections import OrderedDict
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .attention import install, ring_capacity, select_attention
 from .captured import DecodeStep
 from .errors import EmptyPrompt, InvalidParameter, PromptTooLong, TokenOutOfRange
 from .linear import install as install_linear, select_linear
+from .lru import LRU
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
@@ -94,7 +94,7 @@ class Engine:
         if draft_tokens < 0:
             raise InvalidParameter(f"draft_tokens must be >= 0, got {draft_tokens}")
         self.draft_tokens = draft_tokens
-        self._previous: OrderedDict[str | None, list[int]] = OrderedDict()
+        self._previous: LRU[str | None, list[int]] = LRU(_PREVIOUS_KEYS)
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
         install(self.model, cfg, self.attention)
         self.linear = select_linear(linear, self.device, self.dtype, compiled=decode_step == "compile")
@@ -298,10 +298,7 @@ class Engine:
                 rows = self._step(slot, token)[None]
 
     def _remember(self, key: str | None, sequence: list[int]) -> None:
-        self._previous[key] = sequence
-        self._previous.move_to_end(key)
-        while len(self._previous) > _PREVIOUS_KEYS:
-            self._previous.popitem(last=False)
+        self._previous.put(key, sequence)
 
     @staticmethod
     def _token_reason(token: int, job: Job, stops: TokenStops, on_token: TokenCallback | None,

@@ -8,7 +8,7 @@ within one decode step and is answered with RequestCancelled (-32800).
 
 pygls answers a cancelled executeCommand itself but lets the command's coroutine run on; this
 module ties the request's future to the generation's cancel event instead. Prompt building is
-inference/chat_format.py; this module only translates protocol to it and owns the chat model,
+inference/prompts/chat.py; this module only translates protocol to it and owns the chat model,
 which is loaded at the first chat (setting `chatModel`; without it the completion model answers).
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
 from stablelm_lsp.inference.api import Backend, GenerationError
-from stablelm_lsp.inference.chat_format import (ChatFormatError, ChatMessage, ConversationMemory,
-                                                EditorContext, parse_messages, prepare_turn)
+from stablelm_lsp.inference.prompts.budget import TokenCounter
+from stablelm_lsp.inference.prompts.chat import (ConversationMemory, EditorContext, check_messages,
+                                                 prepare_turn)
+from stablelm_lsp.inference.prompts.chat_template import ROLES, ChatFormatError, ChatMessage
 
 from .documents import Cursor, Document
-from .prompt import TokenCounter
 
 if TYPE_CHECKING:
     from .server import StableLMServer
@@ -45,6 +46,25 @@ class ChatParams:
     chat_id: str
     messages: list[ChatMessage]
     context: Mapping[str, Any] | None
+
+
+def parse_messages(raw: Any) -> list[ChatMessage]:
+    """Client JSON -> checked messages (see `check_messages`)."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ChatFormatError("messages must be a non-empty list of {role, content} objects")
+    messages: list[ChatMessage] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise ChatFormatError(f"messages[{i}] must be an object with role and content")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise ChatFormatError(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ChatFormatError(f"messages[{i}].content must be a string")
+        messages.append(ChatMessage(role, content))
+    check_messages(messages)
+    return messages
+
 
 
 def parse_params(arguments: tuple) -> ChatParams:

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
-from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+from stablelm_lsp.inference.prompts.chat import CHAT_MAX_NEW_TOKENS
 
 from .common import add_model_arguments, open_backend, run_guarded
 
@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from stablelm_lsp.inference.chat_format import (ChatFormatError, ChatMessage, EditorContext,
-                                                    check_messages, prepare_turn)
+    from stablelm_lsp.inference.prompts.chat import EditorContext, check_messages, prepare_turn
+    from stablelm_lsp.inference.prompts.chat_template import ChatFormatError, ChatMessage
 
     from .documents import split_lines
 

@@ -48,10 +48,10 @@ def _complete(args: argparse.Namespace) -> int:
     from pygls.uris import from_fs_path
 
     from stablelm_lsp.inference.load import load_backend
+    from stablelm_lsp.inference.prompts.fim import TemplateError
 
     from .completion import Completer
     from .documents import Document, PositionEncoding
-    from .prompt import TemplateError
     from .server import inline_item, relative_path
     from .settings import SettingsError
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from stablelm_lsp.inference.api import Backend, GenerationRequest, GenerationResult
+from stablelm_lsp.inference.prompts.budget import TokenCounter
+from stablelm_lsp.inference.prompts.fim import (ContextFile, Prompt, PromptTemplate, TemplateError,
+                                                build_prompt, default_template)
 
 from .documents import Cursor
 from .postprocess import CONTINUES, Completion, continues, is_multiline_position, postprocess
-from .prompt import (ContextFile, Prompt, PromptTemplate, TemplateError, TokenCounter, build_prompt,
-                     default_template)
 from .settings import Settings
 
 # Positions kept free beyond the prompt budget and max new tokens: token counts of prompt pieces

@@ -9,10 +9,9 @@ encoding negotiated at initialize (utf-16 by default) and are turned into Python
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+from stablelm_lsp.inference.prompts.lines import line_content, split_lines
 
 
 class PositionEncoding(str, enum.Enum):
@@ -25,26 +24,6 @@ class PositionEncoding(str, enum.Enum):
 
 class EditError(ValueError):
     """An edit that cannot apply (end before start): the document no longer matches the client."""
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines with their terminators (\\n, \\r\\n or \\r, as LSP counts them); never empty."""
-    lines: list[str] = []
-    start = 0
-    for match in _LINE_BREAK.finditer(text):
-        lines.append(text[start:match.end()])
-        start = match.end()
-    lines.append(text[start:])
-    return lines
-
-
-def line_content(line: str) -> str:
-    """`line` without its terminator."""
-    if line.endswith("\r\n"):
-        return line[:-2]
-    if line.endswith(("\n", "\r")):
-        return line[:-1]
-    return line
 
 
 def _units(char: str, encoding: PositionEncoding) -> int:

@@ -52,13 +52,13 @@ from pygls.uris import to_fs_path
 from stablelm_lsp.inference.api import GenerationError
 from stablelm_lsp.inference.errors import EngineError
 from stablelm_lsp.inference.load import load_backend
+from stablelm_lsp.inference.prompts.fim import ContextFile, TemplateError
 
 from . import chat
 from .backends import BackendManager, Loader
 from .completion import Completer, ShownCompletion
 from .documents import Cursor, Document, DocumentStore, EditError, PositionEncoding
 from .postprocess import Completion
-from .prompt import ContextFile, TemplateError
 from .settings import SECTION, Settings, SettingsError
 from .stats import Stats
 from .transport import FileWriter, FramingError, StdinChunks, run_connection

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+from stablelm_lsp.inference.prompts.chat import CHAT_MAX_NEW_TOKENS
 from stablelm_lsp.inference.load import BackendOptions, Progress
 from stablelm_lsp.inference.remote.engines import ENDPOINT_KINDS, check_endpoint
 
@@ -43,7 +43,7 @@ class Settings:
     chat_model: str | None = None     # read by the chat module; None: the completion model
     chat_max_new_tokens: int = CHAT_MAX_NEW_TOKENS   # longest chat reply (read by the chat module)
     enabled: bool = True
-    template: str | None = None       # prompt template (see prompt.PromptTemplate)
+    template: str | None = None       # prompt template (see inference/prompts/fim.py)
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
     speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
@@ -143,7 +143,7 @@ def _check(name: str, value: Any) -> Any:
     if name == "endpoint":
         check_endpoint(value)       # ValueError naming what is wrong
     if name == "template":
-        from .prompt import PromptTemplate, TemplateError
+        from stablelm_lsp.inference.prompts.fim import PromptTemplate, TemplateError
 
         try:
             PromptTemplate(value)

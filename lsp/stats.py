@@ -12,8 +12,9 @@ import os
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
+
+from stablelm_lsp.inference.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class Stats:
         self.path = path
         self._saved = self._read()                 # [shown, accepted] as of the last read/write
         self._pending = [0, 0]                     # counted since
-        self._ids: OrderedDict[str, bool] = OrderedDict()   # shown id -> accepted already
+        self._ids: LRU[str, bool] = LRU(_REMEMBERED_IDS)    # shown id -> accepted already
         self._lock = threading.Lock()
         self._written_at = 0.0
 
@@ -51,9 +52,7 @@ class Stats:
     def record_shown(self, completion_id: str) -> None:
         with self._lock:
             self._pending[0] += 1
-            self._ids[completion_id] = False
-            if len(self._ids) > _REMEMBERED_IDS:
-                self._ids.popitem(last=False)
+            self._ids.put(completion_id, False)
         if time.monotonic() - self._written_at >= _WRITE_INTERVAL_S:
             self.flush()
 
@@ -62,7 +61,7 @@ class Stats:
         with self._lock:
             if self._ids.get(completion_id) is not False:
                 return False
-            self._ids[completion_id] = True
+            self._ids.put(completion_id, True)
             self._pending[1] += 1
         self.flush()
         return True

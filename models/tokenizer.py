@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 from tokenizers import Encoding as _HFEncoding
 from tokenizers import Tokenizer as _HFTokenizer
 
-from stablelm_lsp.inference.api import PromptPart, SpecialTokens, join_parts, prompt_text
-
 from .errors import CheckpointError
+from .prompt_parts import PromptPart, SpecialTokens, join_parts, prompt_text
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -68,14 +67,6 @@ def _config_token_ids(folder: Path) -> tuple[tuple[int, ...], int | None]:
                     if isinstance(e, int) and not isinstance(e, bool))
     bos = raw.get("bos_token_id")
     return eos_ids, bos if isinstance(bos, int) and not isinstance(bos, bool) else None
-
-
-def keeps_line(piece: bytes, spaces: bool) -> bool:
-    """Whether text starting with `piece` keeps the current line going: something, and no line
-    break before its first character other than a space or tab; with spaces=False, not spaces
-    and tabs alone either (text must come)."""
-    text = piece.lstrip(b" \t")
-    return bool(text or (spaces and piece)) and not text.startswith((b"\n", b"\r"))
 
 
 class Tokenizer:
@@ -239,17 +230,6 @@ class Tokenizer:
         pairs = sorted((b, i) for i, b in enumerate(self.token_bytes)
                        if b and i not in self._added_ids)
         return [b for b, _ in pairs], [i for _, i in pairs]
-
-    def line_text_ids(self, spaces: bool) -> list[int]:
-        """Ordinary tokens whose bytes keep the current line going (see `keeps_line`); added
-        tokens excluded."""
-        return self._line_text_ids[spaces]
-
-    @cached_property
-    def _line_text_ids(self) -> dict[bool, list[int]]:
-        return {spaces: [i for i, b in enumerate(self.token_bytes)
-                         if i not in self._added_ids and keeps_line(b, spaces)]
-                for spaces in (True, False)}
 
     def is_added(self, token_id: int) -> bool:
         """A token of the added vocabulary (specials, control tokens): never extended by healing."""

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from stablelm_lsp.inference.backend import LocalBackend
-from stablelm_lsp.inference.chat_format import ChatMessage, EditorContext, prepare_turn
+from stablelm_lsp.inference.prompts.chat import EditorContext, prepare_turn
+from stablelm_lsp.inference.prompts.chat_template import ChatMessage
 from stablelm_lsp.lsp.documents import split_lines
 
 MAX_NEW_TOKENS = 40

@@ -8,20 +8,18 @@ import shutil
 import pytest
 
 from stablelm_lsp.inference.api import ModelInfo, PromptPart, SpecialTokens, prompt_text
-from stablelm_lsp.inference.chat_format import (
+from stablelm_lsp.inference.prompts.chat import (
     CONTEXT_SHARE,
-    ZEPHYR_TEMPLATE,
-    ChatFormatError,
-    ChatMessage,
-    ChatTemplate,
     ConversationMemory,
     EditorContext,
     MessageTooLong,
     build_chat_prompt,
-    parse_messages,
     prepare_turn,
     render_context,
 )
+from stablelm_lsp.inference.prompts.chat_template import (ZEPHYR_TEMPLATE, ChatFormatError, ChatMessage,
+                                                          ChatTemplate)
+from stablelm_lsp.lsp.chat import parse_messages
 from stablelm_lsp.models.tokenizer import Tokenizer
 
 # stablelm-zephyr-3b's tokenizer_config.json "chat_template", character for character.

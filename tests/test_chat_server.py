@@ -16,7 +16,8 @@ from pygls.exceptions import JsonRpcInvalidParams, JsonRpcRequestCancelled
 from pytest_lsp import ClientServerConfig, client_capabilities, make_test_lsp_client
 
 from stablelm_lsp.inference.backend import LocalBackend
-from stablelm_lsp.inference.chat_format import ChatMessage, EditorContext, prepare_turn
+from stablelm_lsp.inference.prompts.chat import EditorContext, prepare_turn
+from stablelm_lsp.inference.prompts.chat_template import ChatMessage
 from stablelm_lsp.lsp.chat import CHAT_COMMAND, CHAT_DELTA_NOTIFICATION
 from stablelm_lsp.lsp.documents import split_lines
 from test_chat_format import STRICT_TEMPLATE, copy_with_chat_template

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from stablelm_lsp.inference.api import GenerationError, GenerationRequest, PromptPart
-from stablelm_lsp.inference.backend import LocalBackend
+from stablelm_lsp.inference.backend import LocalBackend, line_text_ids
 from stablelm_lsp.inference.errors import EmptyPrompt, InvalidParameter, PromptTooLong
 
 PROMPT = "def parse(text):\n    result = []\n    for line in text.splitlines():\n"
@@ -205,7 +205,7 @@ def test_bad_prompt_parts_are_refused(backend, request_kwargs, error):
 
 def test_a_nonblank_first_token_puts_text_on_the_line(backend):
     tok = backend.tokenizer
-    after_indent, at_column_0 = set(tok.line_text_ids(False)), set(tok.line_text_ids(True))
+    after_indent, at_column_0 = set(line_text_ids(tok, False)), set(line_text_ids(tok, True))
     assert after_indent < at_column_0 and not any(tok.is_added(i) for i in at_column_0)
     assert not any(tok.token_bytes[i].lstrip(b" \t").startswith(b"\n") for i in at_column_0)
     assert not any(tok.token_bytes[i].strip(b" \t") == b"" for i in after_indent)

@@ -10,7 +10,8 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, client_capabilities
 
 from stablelm_lsp.inference.backend import LocalBackend
-from stablelm_lsp.inference.chat_format import ChatMessage, prepare_turn
+from stablelm_lsp.inference.prompts.chat import prepare_turn
+from stablelm_lsp.inference.prompts.chat_template import ChatMessage
 from stablelm_lsp.lsp.chat import CHAT_COMMAND
 
 QUESTION = "What does this function return?"

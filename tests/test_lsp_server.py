@@ -28,7 +28,7 @@ from lsp_testing import (
 from checkpoints import starcoder_specials
 from stablelm_lsp.lsp.documents import split_lines
 from stablelm_lsp.lsp.postprocess import postprocess
-from stablelm_lsp.lsp.prompt import build_prompt
+from stablelm_lsp.inference.prompts.fim import build_prompt
 from stablelm_lsp.lsp.settings import Settings
 
 SPECIAL = starcoder_specials()

@@ -36,7 +36,7 @@ def test_bad_settings_are_reported_and_the_good_ones_still_apply():
 
 
 def test_chat_reply_length_setting(tmp_path):
-    from stablelm_lsp.inference.chat_format import CHAT_MAX_NEW_TOKENS
+    from stablelm_lsp.inference.prompts.chat import CHAT_MAX_NEW_TOKENS
     from stablelm_lsp.lsp.cli import build_parser
     from stablelm_lsp.lsp.serve import settings_from_args
 

@@ -4,14 +4,13 @@ import pytest
 from stablelm_lsp.inference.api import PromptPart, SpecialTokens, prompt_text
 from checkpoints import starcoder_specials
 from stablelm_lsp.lsp.documents import split_lines
-from stablelm_lsp.lsp.prompt import (
+from stablelm_lsp.inference.prompts.budget import MAX_CHARS_PER_TOKEN, TokenCounter
+from stablelm_lsp.inference.prompts.fim import (
     CHUNK_LINES,
-    MAX_CHARS_PER_TOKEN,
     MIDDLE_CUT_STEP,
     ContextFile,
     PromptTemplate,
     TemplateError,
-    TokenCounter,
     build_prompt,
 )
 

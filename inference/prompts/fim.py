@@ -1,4 +1,5 @@
-"""Completion prompts: pure functions of document text, special-token text and a token counter.
+"""Fill-in-the-middle completion prompts: pure functions of document lines, special-token text
+and a token counter (budget.py).
 
 A prompt is a sequence of `PromptPart`s: the template's own text and special tokens are special,
 document text, paths and the repository name are plain, so special-token text in a document
@@ -16,17 +17,15 @@ the prompt's start stays put while typing and moves in steps of whole chunks as 
 from __future__ import annotations
 
 import string
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
-from stablelm_lsp.inference.api import (CountTokens, PromptPart, SpecialTokens, join_parts,
-                                        prompt_text, text_counter)
-
-from .documents import line_content
+from ..api import PromptPart, SpecialTokens, join_parts, prompt_text
+from .budget import (MAX_CHARS_PER_TOKEN, CountText, CountTokens, take_backwards, take_forwards,
+                     text_counter)
+from .lines import line_content
 
 CHUNK_LINES = 16           # prefix and context cuts fall on multiples of this many lines
-MAX_CHARS_PER_TOKEN = 16   # text looked at per token of budget: bounds work on huge lines
 MIDDLE_SHARE = 1 / 8       # budget reserved for the cursor line, so typing never moves the prefix
 SUFFIX_SHARE = 0.2         # the suffix's guaranteed share; it gets more when the prefix is short
 CONTEXT_SHARE = 0.25       # at most this much for other open files
@@ -45,29 +44,6 @@ _SPECIAL_FIELDS = ("fim_prefix", "fim_suffix", "fim_middle", "fim_pad", "file_se
 
 class TemplateError(ValueError):
     """A prompt template that cannot be rendered for this model."""
-
-
-class TokenCounter:
-    """Token counts of prompt pieces, cached: the same lines are counted on every keystroke."""
-
-    def __init__(self, count: CountTokens, max_entries: int = 1 << 16):
-        self._count = count
-        self._cache: OrderedDict[tuple[PromptPart, ...], int] = OrderedDict()
-        self._max_entries = max_entries
-
-    def __call__(self, parts: Sequence[PromptPart]) -> int:
-        key = join_parts(parts)
-        if not key:
-            return 0
-        cached = self._cache.get(key)
-        if cached is not None:
-            self._cache.move_to_end(key)
-            return cached
-        tokens = self._count(key)
-        self._cache[key] = tokens
-        if len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
-        return tokens
 
 
 class PromptTemplate:
@@ -158,51 +134,7 @@ class Prompt:
         return prompt_text(self.parts)
 
 
-def _take_backwards(lines: Sequence[str], end: int, budget: int, count: Callable[[str], int],
-                    step: int) -> tuple[int, int]:
-    """Smallest `start` (a multiple of `step`, or any line if `step` is 1) with the tokens of
-    lines[start:end] within `budget`. Returns (start, tokens)."""
-    start, used = end, 0
-    while start > 0:
-        chunk_start = ((start - 1) // step) * step
-        cost = _cost(lines[chunk_start:start], budget - used, count)
-        if cost is None:
-            break
-        start, used = chunk_start, used + cost
-    if start == end and step > 1:
-        return _take_backwards(lines, end, budget, count, 1)
-    return start, used
-
-
-def _take_forwards(lines: Sequence[str], begin: int, budget: int, count: Callable[[str], int],
-                   step: int = 1) -> tuple[int, int]:
-    """Largest `end` (a multiple of `step` or the end of the list) with the tokens of
-    lines[begin:end] within `budget`. Returns (end, tokens)."""
-    end, used = begin, 0
-    last = len(lines)
-    while end < last:
-        chunk_end = min(((end // step) + 1) * step, last)
-        cost = _cost(lines[end:chunk_end], budget - used, count)
-        if cost is None:
-            break
-        end, used = chunk_end, used + cost
-    return end, used
-
-
-def _cost(lines: Sequence[str], budget: int, count: Callable[[str], int]) -> int | None:
-    """Tokens of `lines` (summed per line, so cached counts are reused), None when over `budget`.
-    Text longer than MAX_CHARS_PER_TOKEN per remaining token is not even counted."""
-    total = 0
-    for line in lines:
-        if len(line) > (budget - total) * MAX_CHARS_PER_TOKEN:
-            return None
-        total += count(line)
-        if total > budget:
-            return None
-    return total
-
-
-def _cut_middle(line_before: str, budget: int, count: Callable[[str], int]) -> int:
+def _cut_middle(line_before: str, budget: int, count: CountText) -> int:
     """Start index of the cursor line's text kept in the prompt: 0 unless the line is too long,
     then a multiple of MIDDLE_CUT_STEP so that typing does not move it on every key."""
     lowest = max(0, len(line_before) - budget * MAX_CHARS_PER_TOKEN)
@@ -260,14 +192,14 @@ def build_prompt(
     # before the prefix is cut, whatever the prefix leaves over goes to it afterwards.
     suffix_lines = [line_after + terminator, *lines[line + 1:]] if uses_suffix else []
     suffix_share = int(budget * SUFFIX_SHARE)
-    _, suffix_reserved = _take_forwards(suffix_lines, 0, suffix_share, count_text)
+    _, suffix_reserved = take_forwards(suffix_lines, 0, suffix_share, count_text)
 
     prefix_budget = max(budget - context_used - middle_reserve - suffix_reserved, 0)
-    prefix_start, prefix_used = _take_backwards(lines, line, prefix_budget, count_text,
-                                                CHUNK_LINES)
+    prefix_start, prefix_used = take_backwards(lines, line, prefix_budget, count_text,
+                                               CHUNK_LINES)
 
     suffix_budget = max(budget - context_used - middle_reserve - prefix_used, 0)
-    suffix_count, suffix_used = _take_forwards(suffix_lines, 0, suffix_budget, count_text)
+    suffix_count, suffix_used = take_forwards(suffix_lines, 0, suffix_budget, count_text)
 
     middle_budget = max(budget - context_used - prefix_used - suffix_used, 0)
     middle_start = _cut_middle(line_before, middle_budget, count_text)
@@ -307,8 +239,8 @@ def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialT
         header_cost = count_tokens(header)
         if used + header_cost >= budget:
             break
-        end, cost = _take_forwards(file.lines, 0, budget - used - header_cost, count_text,
-                                   CHUNK_LINES)
+        end, cost = take_forwards(file.lines, 0, budget - used - header_cost, count_text,
+                                  CHUNK_LINES)
         if end == 0:
             continue
         pieces.append((file.path, header + (PromptPart("".join(file.lines[:end])),)))
