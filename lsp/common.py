@@ -66,13 +66,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from stablelm_lsp.inference.api import GenerationError
     from stablelm_lsp.inference.load import ModelError
 
-    return (ModelError, GenerationError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError)
+    from .settings import SettingsError
+
+    return (ModelError, GenerationError, SettingsError, FileNotFoundError, IsADirectoryError,
+            UnicodeDecodeError)
+
+
+def quiet_libraries() -> None:
+    """pygls logs every message body at INFO, torch its caches' statistics at exit, httpx each
+    request to a remote engine: WARNING for them unless debugging."""
+    for name in ("pygls", "torch", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_guarded(args: argparse.Namespace, func: Callable[[argparse.Namespace], int]) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG,
                             stream=sys.stderr, format="stablelm-lsp: %(message)s")
+        if not args.debug:
+            quiet_libraries()
     try:
         return func(args)
     except KeyboardInterrupt:

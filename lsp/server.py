@@ -56,6 +56,7 @@ from stablelm_lsp.inference.prompts.fim import ContextFile, TemplateError
 
 from . import chat
 from .backends import BackendManager, Loader
+from .common import quiet_libraries
 from .completion import Completer, ShownCompletion
 from .documents import Cursor, Document, DocumentStore, EditError, PositionEncoding
 from .postprocess import Completion
@@ -727,18 +728,15 @@ def relative_path(uri: str, root_uris: list[str]) -> tuple[str, str]:
 # -- entry points ------------------------------------------------------------------------------
 
 def configure_logging(log_file: str | None, level: str) -> None:
-    """Log to `log_file` or stderr, never stdout. pygls logs every message body at INFO and torch
-    its caches' statistics at exit, httpx each request to a remote engine: they get WARNING
-    unless the level is DEBUG."""
+    """Log to `log_file` or stderr, never stdout; chatty libraries only from WARNING unless the
+    level is DEBUG (common.quiet_libraries)."""
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     if root.level > logging.DEBUG:
-        # httpx logs every request to a remote engine at INFO
-        for name in ("pygls", "torch", "httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_libraries()
 
 
 def exit_now(code: int) -> None:

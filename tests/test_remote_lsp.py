@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
 import sys
 import time
 import uuid
@@ -270,3 +272,19 @@ async def test_endpoint_setting_switches_engines(tmp_path, engines, tokenizer_di
         await status(client)
         assert any("endpoint" in m.message for m in client.messages
                    if m.type == types.MessageType.Warning)
+
+
+def test_cli_generates_on_the_engine(engines):
+    engine = engines("llamacpp", reply=" return a + b\n")
+    run = [sys.executable, "-m", "stablelm_lsp.lsp", "generate", "--endpoint", engine.url,
+           "--prompt", "def add(a, b):\n", "--json"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["text"] == " return a + b\n"
+    assert "HTTP Request" not in done.stderr        # httpx's per-request lines stay quiet
+    down = subprocess.run([*run[:5], f"http://127.0.0.1:{free_port()}", *run[6:]],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert down.returncode == 2 and "error: cannot reach the engine" in down.stderr
+    bad = subprocess.run([*run[:5], "localhost:8000", *run[6:]], capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("got 'localhost:8000'")

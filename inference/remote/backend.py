@@ -218,7 +218,10 @@ class RemoteBackend(Backend):
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
                  on_delta: Callable[[str], None] | None = None) -> GenerationResult:
-        return self._submit(request, cancel or threading.Event(), on_delta).result()
+        try:
+            return self._submit(request, cancel or threading.Event(), on_delta).result()
+        except concurrent.futures.CancelledError:
+            raise EngineClosed("the remote backend was closed") from None
 
     async def agenerate(self, request: GenerationRequest, cancel: threading.Event | None = None,
                         on_delta: Callable[[str], None] | None = None) -> GenerationResult:
@@ -227,6 +230,8 @@ class RemoteBackend(Backend):
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
+            if not asyncio.current_task().cancelling():     # not ours: the backend was closed
+                raise EngineClosed("the remote backend was closed") from None
             cancel.set()
             future.cancel()
             raise
@@ -305,7 +310,6 @@ class RemoteBackend(Backend):
                 pass
             try:
                 await self._connect()
-                log.info("the engine at %s answers again", self._shown)
                 return
             except EngineFault as fault:
                 self._set_health(Health(False, fault.message, fault.fault))
@@ -315,12 +319,12 @@ class RemoteBackend(Backend):
         with self._lock:
             if health == self._health:
                 return
-            self._health = health
+            before, self._health = self._health, health
             listeners = list(self._listeners)
-        if health.ok:
-            log.info("engine at %s: ready", self._shown)
-        else:
+        if not health.ok:
             log.warning("engine at %s: %s", self._shown, health.message)
+        elif before.fault != "connecting":
+            log.info("the engine at %s answers again", self._shown)
         for listener in listeners:
             try:
                 listener(health)
