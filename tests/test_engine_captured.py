@@ -89,6 +89,7 @@ def test_compiled_step_on_cpu_gives_the_same_tokens(checkpoint_factory):
         Engine(loaded, decode_step="compile")
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
 @pytest.mark.parametrize("variant", ["stablelm-3b", "starcoder2"])
