@@ -36,7 +36,8 @@ echo "== model, engine and CLI suites with the GPU present"
 "$py" -m pytest -q -p no:cacheprovider -m "not cuda" -rs "${xdist[@]}" "${timeout[@]}" \
     tests/test_models.py tests/test_model_errors.py tests/test_engine.py tests/test_engine_backend.py \
     tests/test_engine_attention.py tests/test_engine_linear.py tests/test_engine_captured.py \
-    tests/test_engine_speculation.py tests/test_cli_generate.py tests/test_sampling.py \
+    tests/test_engine_speculation.py tests/test_engine_faults.py tests/test_cli_generate.py \
+    tests/test_sampling.py \
     2>&1 | tee "$out/gpu_present_tests.log" || rc=1
 for step in off cuda-graph; do
     echo "== bench/engine_bench.py --device cuda --dtype bfloat16 --decode-step $step"
