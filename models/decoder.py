@@ -111,7 +111,8 @@ def attend(q, key, value, mask: torch.Tensor | None, is_causal: bool) -> torch.T
     folded = q.reshape(b, kv_heads, group * t, d)      # row g*T + t: query head k*G + g at position t
     if mask is not None:
         mask = mask.repeat(group, 1)
-    return F.scaled_dot_product_attention(folded, key, value, attn_mask=mask).view(b, heads, t, d)
+    # reshape: fused CUDA kernels may return the output in another memory layout
+    return F.scaled_dot_product_attention(folded, key, value, attn_mask=mask).reshape(b, heads, t, d)
 
 
 def static_sdpa_attention(q, key, value, layer: int, cache: "KVCache", attn: "AttentionInputs"):
