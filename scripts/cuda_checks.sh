@@ -8,7 +8,8 @@
 #
 # 1. every test marked `cuda`; 2. the suites that load models, with the GPU as the default
 # device (they must pass there too); 3. bench/engine_bench.py on the GPU in bfloat16, the decode
-# step run plainly and captured in a CUDA graph. Logs go to OUT_DIR (default: bench/out).
+# step run plainly and captured in a CUDA graph (CUDA_CHECKS_DECODE_STEPS="off cuda-graph"). Logs
+# go to OUT_DIR (default: bench/out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/out}
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn: not installed"
 
 rc=0
-xdist=(); "$py" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+xdist=(); "$py" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 16 ? $(nproc) : 16 ))")
 timeout=(); "$py" -c "import pytest_timeout" 2>/dev/null && timeout=(--timeout 300)
 echo "== tests marked cuda"
 "$py" -m pytest -q -p no:cacheprovider -m cuda -rs "${timeout[@]}" tests 2>&1 | tee "$out/cuda_tests.log" || rc=1
@@ -39,7 +40,7 @@ echo "== model, engine and CLI suites with the GPU present"
     tests/test_engine_speculation.py tests/test_engine_faults.py tests/test_cli_generate.py \
     tests/test_sampling.py \
     2>&1 | tee "$out/gpu_present_tests.log" || rc=1
-for step in off cuda-graph; do
+for step in ${CUDA_CHECKS_DECODE_STEPS:-off cuda-graph}; do
     echo "== bench/engine_bench.py --device cuda --dtype bfloat16 --decode-step $step"
     "$py" bench/engine_bench.py --device cuda --dtype bfloat16 --decode-step "$step" --keystrokes 10 \
         --scratch-keystrokes 3 2>&1 | tee "$out/engine_bench_cuda_$step.log" || rc=1
