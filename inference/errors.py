@@ -1,6 +1,7 @@
 """Specific reasons a generation request is refused; all are `GenerationError`s (inference/api.py).
 
-Each is raised before any model work starts, so the engine stays usable afterwards.
+Each is raised before any model work starts, so the engine stays usable afterwards; OutOfMemory
+and NonFiniteLogits come from the work itself, after the engine has put its caches back in order.
 """
 from __future__ import annotations
 
@@ -33,3 +34,11 @@ class EngineClosed(GenerationError):
 
 class AttentionUnavailable(GenerationError):
     """The requested attention kernel cannot run here (flash-attn without CUDA or half precision)."""
+
+
+class OutOfMemory(GenerationError):
+    """The device ran out of memory for this request, even after the idle caches were dropped."""
+
+
+class NonFiniteLogits(GenerationError):
+    """The model produced NaN or infinite logits (broken weights, or overflow in half precision)."""
