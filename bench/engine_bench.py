@@ -1,6 +1,7 @@
 """Benchmark (not a test): keystroke latency, decode speed and sliding-window KV memory of the engine.
 
-Everything is measured in one run, on CPU in float32, against baselines measured in the same run:
+Everything is measured in one run, on the CPU in float32 unless --device/--dtype say otherwise (the
+GPU checks of a lent machine run it with --device cuda), against baselines measured in the same run:
 
 1. Keystroke replay on a random StableLM-style checkpoint of about 160M parameters (hidden 768,
    12 layers, 12 heads, intermediate 2048, vocab 50304; built here with transformers and
@@ -24,6 +25,8 @@ Everything is measured in one run, on CPU in float32, against baselines measured
 Prints a table and one JSON line with the ratios.
 
     python bench/engine_bench.py [--keystrokes 20] [--scratch-keystrokes 5] [--threads N]
+                                 [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+                                 [--decode-step off|static|compile|cuda-graph]
 """
 from __future__ import annotations
 
@@ -47,24 +50,48 @@ NEW_TOKENS = 16
 DECODE_STEPS = 32
 SPECIALS = 7            # ids below this are the tokenizer's special tokens: keep prompts clear of them
 WINDOW, LONG_PROMPT = 256, 4096
+# Engine options of every run that does not set them itself (--decode-step).
+ENGINE_DEFAULTS: dict = {}
 STARCODER2_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
                         num_attention_heads=6, num_key_value_heads=2, sliding_window=WINDOW,
                         max_position_embeddings=8192)
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
-    src = torch.ones(int(gib * (1 << 30)) // 4)
+    src = torch.ones(int(gib * (1 << 30)) // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * src.nbytes / best
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model as /proc/cpuinfo gives it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -91,10 +118,11 @@ class HFContinuation:
         return new
 
 
-def load_transformers(path: Path):
+def load_transformers(path: Path, device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None   # exactly `steps` tokens, like the engine here
     model.generation_config.pad_token_id = 0
     return model
@@ -106,11 +134,11 @@ def token_engine(loaded, **options):
     take as the limit of what may be sampled."""
     from stablelm_lsp.inference.engine import Engine
 
-    return Engine(dataclasses.replace(loaded, tokenizer=None), **options)
+    return Engine(dataclasses.replace(loaded, tokenizer=None), **{**ENGINE_DEFAULTS, **options})
 
 
 def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=steps, do_sample=False)
@@ -233,7 +261,7 @@ def decode_speed(loaded, loaded_torch_linear, hf, bandwidth: float) -> dict:
             "floor_s": floor, "weight_bytes": weights, "kv_bytes": kv}
 
 
-def sliding_window_memory(out: Path) -> dict:
+def sliding_window_memory(out: Path, device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
     from stablelm_lsp.models import load_model
@@ -242,14 +270,14 @@ def sliding_window_memory(out: Path) -> dict:
     from checkpoints import build_tiny_checkpoint
 
     path = build_tiny_checkpoint("starcoder2", out, **STARCODER2_SIZES)
-    loaded = load_model(path, device="cpu", dtype="float32")
+    loaded = load_model(path, device=device, dtype=dtype)
     prompt = random_ids(LONG_PROMPT, loaded.config.vocab_size, seed=3)
     with token_engine(loaded) as engine:
         result = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
         held = engine.prefix_cache.nbytes
         ring = engine.prefix_cache.ring_capacity
-    per_token = loaded.config.kv_bytes_per_token * 4
-    hf = load_transformers(path)
+    per_token = loaded.config.kv_bytes_per_token * loaded.model.embed.weight.element_size()
+    hf = load_transformers(path, device, dtype)
     cache = transformers.DynamicCache(config=hf.config)
     hf_tokens = hf_generate(hf, prompt, NEW_TOKENS, cache)
     hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -264,24 +292,30 @@ def main() -> None:
     ap.add_argument("--scratch-keystrokes", type=int, default=5,
                     help="keystrokes timed for generate-from-scratch (each recomputes 1500 tokens)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
+                    help="how this engine runs single-token steps (inference/captured.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ENGINE_DEFAULTS["decode_step"] = args.decode_step
 
     from stablelm_lsp.models import load_model
 
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(device)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_stablelm_160m(Path(tmp) / "stablelm-160m")
-        loaded = load_model(path, device="cpu", dtype="float32")
-        loaded_torch_linear = load_model(path, device="cpu", dtype="float32")
-        hf = load_transformers(path)
+        loaded = load_model(path, device=device, dtype=dtype)
+        loaded_torch_linear = load_model(path, device=device, dtype=dtype)
+        hf = load_transformers(path, device, dtype)
         params = loaded_torch_linear.model.num_parameters()
         keys = keystroke_replay(loaded, hf, args.keystrokes, args.scratch_keystrokes)
         typing = typing_the_suggestion(loaded, hf, args.keystrokes)
         dec = decode_speed(loaded, loaded_torch_linear, hf, bandwidth)
         del loaded, loaded_torch_linear, hf
-        window = sliding_window_memory(Path(tmp) / "starcoder2-w256")
+        window = sliding_window_memory(Path(tmp) / "starcoder2-w256", device, dtype)
 
     ratios = {
         "keystroke_vs_cropped": keys["ours_s"] / keys["cropped_s"],
@@ -296,8 +330,9 @@ def main() -> None:
         "window_kv_vs_linear": window["held_bytes"] / window["linear_bytes"],
     }
     ms, mib = 1e3, 1 << 20
-    print(f"CPU, float32, {torch.get_num_threads()} threads; {params / 1e6:.0f}M-parameter StableLM-style "
-          f"checkpoint; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{device_name(device)} ({device}), {args.dtype}, {torch.get_num_threads()} threads, decode step "
+          f"{args.decode_step}; {params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
     print(f"\nkeystroke replay: {PROMPT_TOKENS}-token prompt, +1 token per keystroke, {NEW_TOKENS} "
           f"greedy tokens (median of {keys['keystrokes']}; from scratch: of {keys['scratch_keystrokes']})")
     print(f"  {'this engine':<42}{keys['ours_s'] * ms:>9.0f} ms   (reused {keys['reused_median']:.0f} "
@@ -336,7 +371,8 @@ def main() -> None:
     print(f"  {'transformers DynamicCache':<42}{window['transformers_bytes'] / mib:>9.2f} MiB")
     print(f"  same tokens as transformers: {window['same_tokens']}")
     print(json.dumps({
-        "bench": "engine", "threads": torch.get_num_threads(), "bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "bench": "engine", "device": device_name(device), "dtype": args.dtype,
+        "decode_step": args.decode_step, "threads": torch.get_num_threads(), "bandwidth_gbps": round(bandwidth / 1e9, 2),
         "keystroke_ms": {k: round(keys[k + "_s"] * ms, 1) for k in ("ours", "no_drafts", "cropped", "scratch")},
         "typing_suggestion_ms": {k: round(typing[k + "_s"] * ms, 1) for k in ("ours", "cropped")},
         "drafts": {"keystroke": [keys["accepted"], keys["drafted"]],

@@ -1,15 +1,15 @@
 """The engine interface that lsp/ talks to.
 
-lsp/ never touches token ids, tensors or models: it builds prompt *text* and hands a
-`GenerationRequest` to a `Backend`. The in-process engine implements it (`LocalBackend`,
-inference/backend.py), and so does a remote engine a team runs (`RemoteBackend`,
-inference/remote/: vLLM, llama.cpp's server, Ollama, any OpenAI-compatible server), which is why
-everything here is text, not token ids.
+lsp/ never touches token ids, tensors or models: it builds prompt *text* (inference/prompts/) and
+hands a `GenerationRequest` to a `Backend`, which it gets from `load.load_backend`. The
+in-process engine implements it (`LocalBackend`, inference/backend.py), and so does a remote
+engine a team runs (`RemoteBackend`, inference/remote/: vLLM, llama.cpp's server, Ollama, any
+OpenAI-compatible server), which is why everything here is text, not token ids.
 
-A prompt built from documents is a sequence of `PromptPart`s: the prompt format's own text (FIM
-markers, file separators, chat role markers, BOS) is special, everything that came from documents,
-messages or file paths is plain, so that a file quoting `<|endoftext|>` cannot end the prompt. A
-remote backend can send such a prompt pre-tokenized, or refuse content holding special-token text.
+A prompt built from documents is a sequence of `PromptPart`s (models/prompt_parts.py, offered
+here): the prompt format's own text is special, everything that came from documents, messages or
+file paths is plain, so that a file quoting `<|endoftext|>` cannot end the prompt. A remote
+backend can send such a prompt pre-tokenized, or refuse content holding special-token text.
 """
 from __future__ import annotations
 

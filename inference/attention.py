@@ -20,17 +20,20 @@ linear cache, and the window keeps the kernel away from pages that have been reu
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from stablelm_lsp.models.decoder import attend, sdpa_attention
 
 from .errors import AttentionUnavailable
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "sdpa", "flash", "cpu")
+FLASH_MIN_VERSION = (2, 6)  # paged KV caches (block_table) and sliding windows in flash_attn_with_kvcache
 CPU_MAX_POSITIONS = 16  # longer steps (prefill chunks) go to SDPA
 FLASH_PAGE = 256        # flash-attn's paged caches need pages of a multiple of 256 positions
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -44,8 +47,9 @@ class AttentionChoice:
 
 
 def flash_problems(device: torch.device, dtype: torch.dtype, head_dim: int, *,
-                   installed: bool, capability: tuple[int, int] | None) -> list[str]:
-    """What stops flash-attn from running this model here (empty: nothing)."""
+                   installed: bool | str, capability: tuple[int, int] | None) -> list[str]:
+    """What stops flash-attn from running this model here (empty: nothing). installed: True,
+    False (absent), or why the installed package cannot be used (flash_package_problem)."""
     problems = []
     if device.type != "cuda":
         problems.append(f"flash-attn needs a CUDA device (this is {device.type})")
@@ -57,8 +61,10 @@ def flash_problems(device: torch.device, dtype: torch.dtype, head_dim: int, *,
                         f"{str(dtype).removeprefix('torch.')})")
     if head_dim > 256 or head_dim % 8:
         problems.append(f"flash-attn needs a head size that is a multiple of 8 up to 256 ({head_dim})")
-    if not installed:
+    if installed is False:
         problems.append("the flash_attn package is not installed (pip install 'stablelm-lsp[gpu]')")
+    elif isinstance(installed, str):
+        problems.append(installed)
     return problems
 
 
@@ -76,11 +82,70 @@ def choose(requested: str, problems: list[str]) -> AttentionChoice:
 
 
 def flash_installed() -> bool:
+    return flash_package_problem() is None
+
+
+def flash_package_problem() -> bool | str | None:
+    """None when flash_attn is installed and usable; False when it is absent; else why not
+    (too old for paged caches, or its CUDA extension does not load: built without kernels or
+    against another torch / CUDA)."""
     try:
-        from flash_attn import flash_attn_with_kvcache  # noqa: F401
-    except (ImportError, OSError):  # absent, or built against another torch / CUDA
-        return False
-    return True
+        import flash_attn
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name == "flash_attn":
+            return False
+        return f"flash_attn does not load ({exc})"
+    except (ImportError, OSError) as exc:
+        return f"flash_attn does not load ({exc})"
+    version = getattr(flash_attn, "__version__", "0")
+    if _version_tuple(version) < FLASH_MIN_VERSION:
+        return (f"flash_attn {version} is too old (paged KV caches need "
+                f"{'.'.join(map(str, FLASH_MIN_VERSION))} or newer)")
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def flash_self_check(device: torch.device, dtype: torch.dtype, config) -> str | None:
+    """Runs flash-attn once on a small paged cache of this model's head shapes and compares it
+    with SDPA: None when it agrees, else what went wrong (an install whose kernels were built for
+    another GPU fails here, at load, instead of in every request)."""
+    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
+    try:
+        kernel = FlashAttention(config)
+        g = torch.Generator(device=device).manual_seed(0)
+        held, step = 40, 3
+        k_cache = torch.randn(1, kv_heads, FLASH_PAGE, dim, device=device, dtype=dtype, generator=g)
+        v_cache = torch.randn_like(k_cache).normal_(generator=g)
+        q = torch.randn(1, heads, step, dim, device=device, dtype=dtype, generator=g)
+        window = (config.sliding_window - 1, 0) if config.sliding_window else (-1, -1)
+        out = kernel._with_kvcache(
+            q.transpose(1, 2), k_cache.transpose(1, 2).contiguous(),
+            v_cache.transpose(1, 2).contiguous(), k=k_cache[:, :, held:held + step].transpose(1, 2),
+            v=v_cache[:, :, held:held + step].transpose(1, 2),
+            cache_seqlens=torch.full((1,), held, dtype=torch.int32, device=device),
+            causal=True, window_size=window).transpose(1, 2)
+        q_pos = torch.arange(held, held + step, device=device)[:, None]
+        k_pos = torch.arange(held + step, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if config.sliding_window:
+            mask &= k_pos > q_pos - config.sliding_window
+        want = attend(q, k_cache[:, :, :held + step], v_cache[:, :, :held + step], mask, False)
+        error = (out.float() - want.float()).abs().max().item()
+    except Exception as exc:    # a kernel image for another GPU, a broken install
+        return f"flash-attn failed its self-check ({type(exc).__name__}: {exc})"
+    if not error < 2e-2:
+        return f"flash-attn failed its self-check (differs from SDPA by {error:.3g})"
+    return None
 
 
 def cpu_problems(device: torch.device, dtype: torch.dtype):
@@ -100,9 +165,18 @@ def select_attention(requested: str, device: torch.device, dtype: torch.dtype, c
             raise AttentionUnavailable("cannot use the own CPU attention kernel: " + "; ".join(problems))
         return AttentionChoice("sdpa", problems[0])
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    problems = flash_problems(device, dtype, config.head_dim, installed=flash_installed(),
-                              capability=capability)
-    return choose(requested, problems)
+    package = flash_package_problem()
+    problems = flash_problems(device, dtype, config.head_dim,
+                              installed=True if package is None else package, capability=capability)
+    choice = choose(requested, problems)
+    if choice.name == "flash":
+        failure = flash_self_check(device, dtype, config)
+        if failure is not None:
+            if requested == "flash":
+                raise AttentionUnavailable(f"cannot use flash attention: {failure}")
+            log.info("attention: %s; using SDPA", failure)
+            return AttentionChoice("sdpa", failure)
+    return choice
 
 
 class CpuDecodeAttention:
@@ -119,8 +193,7 @@ class CpuDecodeAttention:
         kv_heads, s = key.shape[1], key.shape[2]
         if (batch != 1 or t > CPU_MAX_POSITIONS or attn.is_causal or q.dtype != torch.float32
                 or key.stride(3) != 1 or key.stride(2) != dim or value.stride() != key.stride()):
-            return F.scaled_dot_product_attention(q, key, value, attn_mask=attn.mask,
-                                                  is_causal=attn.is_causal, enable_gqa=heads != kv_heads)
+            return attend(q, key, value, attn.mask, attn.is_causal)
         q = q.contiguous()
         out = torch.empty_like(q)
         mask = None if attn.mask is None else attn.mask.contiguous().view(torch.uint8)
@@ -190,8 +263,6 @@ class FlashAttention:
 
 def install(model, config, choice: AttentionChoice) -> None:
     """Make the decoder run the chosen kernel."""
-    from stablelm_lsp.models.decoder import sdpa_attention
-
     if choice.name == "flash":
         model.attention = FlashAttention(config)
     elif choice.name == "cpu":

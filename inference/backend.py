@@ -41,7 +41,8 @@ class LocalBackend(Backend):
     def __init__(self, loaded, *, builtin: bool = False, budget_tokens: int | None = None,
                  attention: str = "auto", prefix_reuse: bool = True, **engine_options):
         """loaded: a models.LoadedModel. budget_tokens: KV positions kept across requests
-        (default: a share of the device's memory, see engine.default_budget_tokens).
+        (default: a share of the device's KV budget, shared with the process's other engines:
+        kv_budget.py).
         attention: auto | sdpa | flash (inference/attention.py). prefix_reuse=False: no KV reuse
         across requests (a measurement baseline). engine_options: the Engine's draft_tokens,
         linear and decode_step (inference/engine.py)."""

@@ -10,8 +10,8 @@ Prefill runs in chunks and records each one as it completes, so a request stoppe
 """
 from __future__ import annotations
 
+import logging
 import operator
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,8 @@ import torch
 
 from .attention import install, ring_capacity, select_attention
 from .captured import DecodeStep
-from .errors import EmptyPrompt, InvalidParameter, PromptTooLong, TokenOutOfRange
+from .errors import EmptyPrompt, InvalidParameter, OutOfMemory, PromptTooLong, TokenOutOfRange
+from .kv_budget import DeviceBudget
 from .linear import install as install_linear, select_linear
 from .lru import LRU
 from .prefix_cache import PrefixCache, Slot
@@ -43,11 +44,8 @@ DRAFT_TOKENS = {"cpu": 8, "cuda": 16}
 _ALIGNED_DRAFT_FACTOR = 4
 # Previous sequences (prompt + completion) remembered for drafting, one per document key.
 _PREVIOUS_KEYS = 64
-# Default KV budget on a CPU: this share of physical memory, at most _CPU_BUDGET_MAX bytes.
-_CPU_BUDGET_SHARE = 0.15
-_CPU_BUDGET_MAX = 4 << 30
-# On CUDA: this share of the memory free once the weights are loaded.
-_CUDA_BUDGET_SHARE = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +98,8 @@ class Engine:
         self.linear = select_linear(linear, self.device, self.dtype, compiled=decode_step == "compile")
         install_linear(self.model, self.linear)
         self.decode_step = None if decode_step == "off" else DecodeStep(self.model, decode_step, self.device)
+        if self.decode_step is not None:
+            self.decode_step.warm_up()
         ring = None
         if cfg.sliding_window:
             # A ring of window + step - 1 entries takes `step` prompt tokens per forward step and
@@ -107,8 +107,14 @@ class Engine:
             # recomputing. A quarter of the window keeps memory within 1.25x the window.
             step = min(self.prefill_chunk, max(1, cfg.sliding_window // 4))
             ring = ring_capacity(cfg.sliding_window, step, self.attention.name)
+        self._budget_share = None
         if budget_tokens is None:
-            budget_tokens = default_budget_tokens(cfg, self.device, self.dtype, ring)
+            # a share of the device's KV budget, shared with the process's other engines
+            per_token = cfg.kv_bytes_per_token * torch.empty((), dtype=self.dtype).element_size()
+            self._budget_share = DeviceBudget.for_device(self.device).join(
+                per_token, ring if ring is not None else cfg.max_positions,
+                lambda: self.prefix_cache.nbytes)
+            budget_tokens = lambda: self._budget_share.tokens  # noqa: E731
         self.prefix_cache = PrefixCache(self.model.new_cache, budget_tokens, cfg.max_positions, ring)
         self.scheduler = Scheduler()
 
@@ -148,6 +154,8 @@ class Engine:
     def close(self) -> None:
         self.scheduler.close()
         self.prefix_cache.clear()
+        if self._budget_share is not None:
+            self._budget_share.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -183,7 +191,7 @@ class Engine:
             if low < 0 or high >= self.sample_vocab:
                 raise TokenOutOfRange(f"first_token_ids has id {low if low < 0 else high}, outside "
                                       f"the vocabulary [0, {self.sample_vocab})")
-            return ids.to(self.device)
+            return ids
         try:
             allowed = sorted({operator.index(t) for t in ids})
         except TypeError:
@@ -194,12 +202,53 @@ class Engine:
             bad = allowed[0] if allowed[0] < 0 else allowed[-1]
             raise TokenOutOfRange(f"first_token_ids has id {bad}, outside the vocabulary "
                                   f"[0, {self.sample_vocab})")
-        return torch.tensor(allowed, device=self.device)
+        return torch.tensor(allowed)
 
-    @torch.inference_mode()
     def _run(self, job: Job, tokens: list[int], needed: int, sampling: SamplingParams,
              stops: TokenStops, on_token: TokenCallback | None, started: float,
              allowed: torch.Tensor | None = None) -> EngineResult:
+        """One request on the worker. Running out of device memory drops the idle caches and,
+        when that freed some and no token was passed on yet, runs the request once more; else it
+        is an OutOfMemory error, with the engine usable (what the request held is freed, the
+        slots left match their caches)."""
+        if allowed is not None:     # moved here, on the worker: no CUDA calls from callers' threads
+            allowed = allowed.to(self.device)
+        emitted = 0
+
+        def counted(token: int) -> str | None:
+            nonlocal emitted
+            emitted += 1
+            return on_token(token) if on_token is not None else None
+
+        for attempt in range(2):
+            try:
+                return self._run_once(job, tokens, needed, sampling, stops, counted, started, allowed)
+            except torch.OutOfMemoryError as exc:
+                dropped = self._free_memory()
+                again = not attempt and dropped and not emitted   # nothing streamed yet: retry
+                log.warning("out of memory on %s for a request of %d positions; dropped %d idle "
+                            "cached prompts%s", self.device, needed, dropped,
+                            ", trying once more" if again else "")
+                if not again:
+                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise OutOfMemory(
+                        f"the {self.device.type.upper()} ran out of memory for a request of {needed} "
+                        f"positions (prompt and new tokens); shorten the prompt (contextTokens) or "
+                        f"maxNewTokens, or use a smaller model or dtype ({first_line})") from None
+        raise AssertionError("unreachable")
+
+    def _free_memory(self) -> int:
+        """Drops every idle cached slot and hands cached device memory back; how many slots."""
+        before = len(self.prefix_cache.slots)
+        self.prefix_cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return before - len(self.prefix_cache.slots)
+
+    @torch.inference_mode()
+    def _run_once(self, job: Job, tokens: list[int], needed: int, sampling: SamplingParams,
+                  stops: TokenStops, on_token: TokenCallback | None, started: float,
+                  allowed: torch.Tensor | None = None) -> EngineResult:
         if not self.prefix_reuse:
             self.prefix_cache.clear()
         slot, reused = self.prefix_cache.acquire(tokens, needed, job.key)
@@ -340,18 +389,3 @@ class Engine:
         if n < slot.cache.length:
             slot.cache.truncate(n)
             del slot.tokens[n:]
-
-
-def default_budget_tokens(config, device: torch.device, dtype: torch.dtype,
-                          ring_capacity: int | None) -> int:
-    """KV positions to keep across requests: a share of the device's memory, and never less than
-    one request of the longest allowed length needs."""
-    per_token = config.kv_bytes_per_token * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        budget_bytes = int(free * _CUDA_BUDGET_SHARE)
-    else:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        budget_bytes = min(_CPU_BUDGET_MAX, int(physical * _CPU_BUDGET_SHARE))
-    longest = ring_capacity if ring_capacity is not None else config.max_positions
-    return max(budget_bytes // per_token, longest)

@@ -1,7 +1,8 @@
 """Specific reasons a generation request is refused; all are `GenerationError`s (inference/api.py).
 
-Each is raised before any model work starts, so the engine stays usable afterwards; EngineError,
-from a remote engine, can also end a request that was under way.
+Each is raised before any model work starts, so the engine stays usable afterwards; OutOfMemory
+and NonFiniteLogits come from the work itself, after the engine has put its caches back in order;
+EngineError, from a remote engine, can also end a request that was under way.
 """
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ class EngineClosed(GenerationError):
 
 class AttentionUnavailable(GenerationError):
     """The requested attention kernel cannot run here (flash-attn without CUDA or half precision)."""
+
+
+class OutOfMemory(GenerationError):
+    """The device ran out of memory for this request, even after the idle caches were dropped."""
+
+
+class NonFiniteLogits(GenerationError):
+    """The model produced NaN or infinite logits (broken weights, or overflow in half precision)."""
 
 
 class EngineError(GenerationError):

@@ -48,17 +48,23 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, new_cache: Callable[[int], "KVCache"], budget_tokens: int,
+    def __init__(self, new_cache: Callable[[int], "KVCache"], budget_tokens: int | Callable[[], int],
                  max_positions: int, ring_capacity: int | None = None):
-        """new_cache(capacity) -> an empty KVCache; ring_capacity: the fixed capacity of every
-        cache of a sliding-window model (None for linear caches, which grow)."""
+        """new_cache(capacity) -> an empty KVCache; budget_tokens: positions all slots may hold
+        together, or a function giving them (a share of a device budget that changes as engines
+        come and go: kv_budget.py); ring_capacity: the fixed capacity of every cache of a
+        sliding-window model (None for linear caches, which grow)."""
         self._new_cache = new_cache
-        self.budget_tokens = budget_tokens
+        self._budget = budget_tokens
         self.max_positions = max_positions
         self.ring_capacity = ring_capacity
         self.slots: list[Slot] = []
         self.evictions = 0          # slots dropped to make room, since creation
         self._clock = 0
+
+    @property
+    def budget_tokens(self) -> int:
+        return self._budget() if callable(self._budget) else self._budget
 
     @property
     def used_tokens(self) -> int:

@@ -10,6 +10,7 @@ import secrets
 import torch
 
 from .checks import SamplingParams
+from .errors import NonFiniteLogits
 
 __all__ = ["Sampler", "SamplingParams"]
 
@@ -33,6 +34,12 @@ class Sampler:
         if self.generator is None:
             return int(torch.argmax(logits))
         probs = self.distribution(logits)
+        # NaN or infinite logits give NaN probabilities, on which CUDA's multinomial stops the
+        # process with a device-side assert: refuse them here, as an error of this request.
+        if not bool(torch.isfinite(probs).all()):
+            raise NonFiniteLogits("the model produced NaN or infinite logits, nothing can be "
+                                  "sampled (broken weights, or an overflow in half precision: "
+                                  "try --dtype float32 or bfloat16)")
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def distribution(self, logits: torch.Tensor) -> torch.Tensor:

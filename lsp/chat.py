@@ -1,25 +1,25 @@
 """The `stablelm.chat` command: chat about the editor's code, streamed while it is generated.
 
 Protocol (README, "Chat"): `workspace/executeCommand` with command `stablelm.chat` and one
-argument `{chatId, messages: [{role, content}], context?: {uri, range?}}`. While the reply is
-generated the server sends `stablelm/chatDelta` notifications `{chatId, delta}`; the response is
-`{chatId, text, finishReason, promptTokens, reusedTokens}`. `$/cancelRequest` stops generation
-within one decode step and is answered with RequestCancelled (-32800).
+argument `{messages: [{role, content}], context?: {uri, range?}, chatId?}` (without a chatId the
+server makes one). While the reply is generated the server sends `stablelm/chatDelta`
+notifications `{chatId, delta}`; the response is `{chatId, text, finishReason, promptTokens,
+reusedTokens}`. `$/cancelRequest` stops generation within one decode step and is answered with
+RequestCancelled (-32800).
 
-pygls answers a cancelled executeCommand itself but lets the command's coroutine run on; this
-module ties the request's future to the generation's cancel event instead. Prompt building is
-inference/prompts/chat.py; this module only translates protocol to it and owns the chat model,
-which is loaded at the first chat (setting `chatModel`; without it the completion model answers).
+This module checks the client's JSON (`parse_params`) and serves a chat with three narrow
+collaborators: `DocumentContext` (editor context from the open documents), `ChatModels` (the chat
+model, or the completion model) and a delta sender. Prompt building is inference/prompts/chat.py.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
-from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
 from stablelm_lsp.inference.api import Backend, GenerationError
@@ -28,17 +28,16 @@ from stablelm_lsp.inference.prompts.chat import (ConversationMemory, EditorConte
                                                  prepare_turn)
 from stablelm_lsp.inference.prompts.chat_template import ROLES, ChatFormatError, ChatMessage
 
-from .documents import Cursor, Document
-
-if TYPE_CHECKING:
-    from .server import StableLMServer
+from .backends import BackendManager
+from .documents import Cursor, Document, DocumentStore, PositionEncoding
+from .protocol import REQUEST_FAILED
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 CHAT_COMMAND = "stablelm.chat"
 CHAT_DELTA_NOTIFICATION = "stablelm/chatDelta"
 MODEL_WAIT_POLL_S = 0.1     # how often a chat waiting for the completion model looks again
-REQUEST_FAILED = types.LSPErrorCodes.RequestFailed.value
 
 
 @dataclass(frozen=True)
@@ -66,15 +65,17 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
     return messages
 
 
-
 def parse_params(arguments: tuple) -> ChatParams:
-    """The command's arguments -> ChatParams; InvalidParams naming what is wrong."""
+    """The command's arguments -> ChatParams (a new chatId when the client gave none);
+    InvalidParams naming what is wrong."""
     if len(arguments) != 1 or not isinstance(arguments[0], Mapping):
         raise JsonRpcInvalidParams(f"{CHAT_COMMAND} takes one argument: "
-                                   "{chatId, messages: [{role, content}], context?: {uri, range?}}")
+                                   "{messages: [{role, content}], context?: {uri, range?}, chatId?}")
     params = arguments[0]
     chat_id = params.get("chatId")
-    if not isinstance(chat_id, str) or not chat_id:
+    if chat_id is None:
+        chat_id = uuid.uuid4().hex
+    elif not isinstance(chat_id, str) or not chat_id:
         raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: chatId must be a non-empty string")
     try:
         messages = parse_messages(params.get("messages"))
@@ -86,39 +87,50 @@ def parse_params(arguments: tuple) -> ChatParams:
     return ChatParams(chat_id, messages, context)
 
 
-def editor_context(server: "StableLMServer", context: Mapping[str, Any]) -> EditorContext:
-    """The open document `context.uri` with its `range` selected; InvalidParams when the document
-    is not open (nothing is read from disk) or the range is malformed."""
-    uri = context["uri"]
-    doc = server.documents.get(uri)
-    if doc is None:
-        raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.uri {uri} is not open in the editor")
-    if doc.binary or doc.out_of_sync:
-        why = "binary" if doc.binary else "out of sync with the editor"
-        raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.uri {uri} is {why}")
-    path = server.workspace_path(uri)[0]
-    lines = list(doc.lines)      # a snapshot: edits may arrive while the prompt is built
-    selection_range = context.get("range")
-    if selection_range is None:
-        return EditorContext(path, doc.language_id, lines)
-    try:
-        start = _cursor(doc, selection_range["start"], server)
-        end = _cursor(doc, selection_range["end"], server)
-    except (KeyError, TypeError, ValueError):
-        raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.range must be {{start: {{line, "
-                                   f"character}}, end: {{line, character}}}} with whole numbers "
-                                   "at or above 0") from None
-    if (end.line, end.index) < (start.line, start.index):
-        raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.range ends before it starts")
-    return EditorContext(path, doc.language_id, lines, selected_text(lines, start, end),
-                         start.line, end.line)
+class DocumentContext:
+    """Editor context from the documents open in the editor (nothing is read from disk)."""
+
+    def __init__(self, documents: DocumentStore, path_of: Callable[[str], str],
+                 encoding: Callable[[], PositionEncoding]):
+        """path_of(uri): how the file is named to the model; encoding(): the negotiated one."""
+        self._documents = documents
+        self._path_of = path_of
+        self._encoding = encoding
+
+    def __call__(self, context: Mapping[str, Any]) -> EditorContext:
+        """The open document `context.uri` with its `range` selected; InvalidParams when the
+        document is not open or the range is malformed."""
+        uri = context["uri"]
+        doc = self._documents.get(uri)
+        if doc is None:
+            raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.uri {uri} is not open in the editor")
+        if doc.binary or doc.out_of_sync:
+            why = "binary" if doc.binary else "out of sync with the editor"
+            raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.uri {uri} is {why}")
+        path = self._path_of(uri)
+        lines = list(doc.lines)      # a snapshot: edits may arrive while the prompt is built
+        selection_range = context.get("range")
+        if selection_range is None:
+            return EditorContext(path, doc.language_id, lines)
+        encoding = self._encoding()
+        try:
+            start = _cursor(doc, selection_range["start"], encoding)
+            end = _cursor(doc, selection_range["end"], encoding)
+        except (KeyError, TypeError, ValueError):
+            raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.range must be {{start: {{line, "
+                                       f"character}}, end: {{line, character}}}} with whole numbers "
+                                       "at or above 0") from None
+        if (end.line, end.index) < (start.line, start.index):
+            raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: context.range ends before it starts")
+        return EditorContext(path, doc.language_id, lines, selected_text(lines, start, end),
+                             start.line, end.line)
 
 
-def _cursor(doc: Document, position: Mapping[str, Any], server: "StableLMServer") -> Cursor:
+def _cursor(doc: Document, position: Mapping[str, Any], encoding: PositionEncoding) -> Cursor:
     line, character = position["line"], position["character"]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (line, character)):
         raise ValueError("not a position")
-    return doc.cursor(line, character, server.encoding)
+    return doc.cursor(line, character, encoding)
 
 
 def selected_text(lines: list[str], start: Cursor, end: Cursor) -> str:
@@ -129,27 +141,83 @@ def selected_text(lines: list[str], start: Cursor, end: Cursor) -> str:
             + lines[end.line][:end.index])
 
 
-class ChatService:
-    """Serves `stablelm.chat` for one server: the chat model, conversation memory, cancellation."""
+class ChatModels:
+    """The model that answers chats: the `chatModel` setting's, loaded at the first chat through
+    the server's BackendManager (same path and options as the completion model), else the
+    completion model once it is ready."""
 
-    def __init__(self, server: "StableLMServer"):
-        self.server = server
-        self.memory = ConversationMemory()
+    def __init__(self, backends: BackendManager, settings: Callable[[], Settings]):
+        self._backends = backends
+        self._settings = settings
         self._chat_backend: Backend | None = None
         self._chat_backend_key: tuple | None = None     # the settings it was loaded with
         self._load_lock = asyncio.Lock()
 
-    async def chat(self, *arguments: Any) -> dict:
-        params = parse_params(arguments)
-        cancel = threading.Event()
-        answered = self._cancel_with_request(cancel)
-        context = editor_context(self.server, params.context) if params.context else None
-        backend = await self._backend(cancel)
-        if backend is None:     # cancelled while the model loaded; pygls has answered already
+    async def backend(self, cancel: threading.Event) -> Backend | None:
+        """The chat model (loaded now if the settings name one that is not loaded), else the
+        completion model once it is ready; None when cancelled while waiting for it."""
+        settings = self._settings()
+        if settings.chat_model is None:
+            if self._chat_backend is not None:      # set earlier, no longer wanted
+                async with self._load_lock:
+                    self.close()
+            return await self._completion_backend(cancel)
+        key = (settings.chat_model, settings.backend_options())
+        async with self._load_lock:
+            if self._chat_backend_key != key:
+                self.close()
+                log.info("loading the chat model %s", settings.chat_model)
+                try:
+                    self._chat_backend = await asyncio.to_thread(
+                        self._backends.load, settings.chat_model, key[1])
+                except Exception as exc:    # a bad path or checkpoint: the user's to fix
+                    log.error("could not load the chat model %s: %s", settings.chat_model, exc)
+                    raise JsonRpcException(f"{CHAT_COMMAND}: the chat model {settings.chat_model} "
+                                           f"did not load: {exc}", code=REQUEST_FAILED) from None
+                self._chat_backend_key = key
+            return self._chat_backend
+
+    async def _completion_backend(self, cancel: threading.Event) -> Backend | None:
+        backends = self._backends
+        while backends.backend is None and not cancel.is_set():
+            status = backends.status
+            if status["state"] == "error":
+                raise JsonRpcException(f"{CHAT_COMMAND}: the model did not load: "
+                                       f"{status.get('message')}", code=REQUEST_FAILED)
+            await asyncio.sleep(MODEL_WAIT_POLL_S)
+        return None if cancel.is_set() else backends.backend
+
+    def close(self) -> None:
+        """Unload the chat model (the next chat loads it again)."""
+        backend, self._chat_backend, self._chat_backend_key = self._chat_backend, None, None
+        if backend is not None:
+            backend.close()
+
+
+class ChatService:
+    """Serves `stablelm.chat`: conversation memory, prompt, streamed generation, cancellation."""
+
+    def __init__(self, context: Callable[[Mapping[str, Any]], EditorContext], models: ChatModels,
+                 settings: Callable[[], Settings], send_delta: Callable[[str, str], None]):
+        """context(json): the editor context a request names; send_delta(chat_id, delta) sends
+        one notification (called on the event loop)."""
+        self._context = context
+        self.models = models
+        self._settings = settings
+        self._send_delta = send_delta
+        self.memory = ConversationMemory()
+
+    async def chat(self, params: ChatParams, cancel: threading.Event) -> dict:
+        """The reply to `params`. `cancel` is set when the client cancels the request (which
+        then has its answer already): generation stops within one step, and no delta is sent
+        after it is set."""
+        context = self._context(params.context) if params.context else None
+        backend = await self.models.backend(cancel)
+        if backend is None:     # cancelled while the model loaded; the request is answered
             return {"chatId": params.chat_id, "text": "", "finishReason": "cancelled",
                     "promptTokens": 0, "reusedTokens": 0}
         messages, keep_from = self.memory.resolve(params.messages)
-        settings = self.server.settings
+        settings = self._settings()
         try:
             # Tokenizing a long conversation takes a while: off the event loop. The counter is
             # this request's own (its cache is not thread-safe); it saves recounting the
@@ -163,11 +231,10 @@ class ChatService:
             raise JsonRpcInvalidParams(f"{CHAT_COMMAND}: {exc}") from None
 
         loop = asyncio.get_running_loop()
-        protocol = self.server.protocol
 
         def send(delta: str) -> None:       # on the loop: nothing follows the cancelled answer
-            if not answered():
-                protocol.notify(CHAT_DELTA_NOTIFICATION, {"chatId": params.chat_id, "delta": delta})
+            if not cancel.is_set():
+                self._send_delta(params.chat_id, delta)
 
         def on_delta(delta: str) -> None:   # on the engine's thread; protocol output from the loop
             if not cancel.is_set():
@@ -186,75 +253,5 @@ class ChatService:
         return {"chatId": params.chat_id, "text": result.text, "finishReason": result.finish_reason,
                 "promptTokens": result.prompt_tokens, "reusedTokens": result.reused_tokens}
 
-    def _cancel_with_request(self, cancel: threading.Event) -> Callable[[], bool]:
-        """Set `cancel` when the client cancels this executeCommand request; return a test,
-        for the event loop, of whether pygls has cancelled the request (and so answered it).
-
-        pygls keeps the request's future under its id and cancels that future on $/cancelRequest
-        (answering RequestCancelled from a done callback); the command coroutine runs in a task
-        of its own that nothing cancels. `cancel` is set from a done callback too, one loop turn
-        after the future is cancelled, while the engine may still emit deltas: the test lets the
-        sender drop those, so no delta follows the answer. A request already gone from the
-        table was answered before this coroutine started: it was cancelled.
-        """
-        protocol = self.server.protocol
-        msg_id = protocol.msg_id
-        if msg_id is None:      # not called through a request (a direct call in-process)
-            return cancel.is_set
-        future = protocol._request_futures.get(msg_id)
-        if future is None:
-            cancel.set()
-            return cancel.is_set
-        future.add_done_callback(lambda f: cancel.set() if f.cancelled() else None)
-        return lambda: cancel.is_set() or future.cancelled()
-
-    async def _backend(self, cancel: threading.Event) -> Backend | None:
-        """The chat model (loaded now if the settings name one that is not loaded), else the
-        completion model once it is ready; None when cancelled while waiting for it."""
-        settings = self.server.settings
-        if settings.chat_model is None:
-            if self._chat_backend is not None:      # set earlier, no longer wanted
-                async with self._load_lock:
-                    self.close()
-            return await self._completion_backend(cancel)
-        key = (settings.chat_model, settings.backend_options())
-        async with self._load_lock:
-            if self._chat_backend_key != key:
-                self.close()
-                log.info("loading the chat model %s", settings.chat_model)
-                try:
-                    self._chat_backend = await asyncio.to_thread(
-                        self.server.backends.load, settings.chat_model, key[1])
-                except Exception as exc:    # a bad path or checkpoint: the user's to fix
-                    log.error("could not load the chat model %s: %s", settings.chat_model, exc)
-                    raise JsonRpcException(f"{CHAT_COMMAND}: the chat model {settings.chat_model} "
-                                           f"did not load: {exc}", code=REQUEST_FAILED) from None
-                self._chat_backend_key = key
-            return self._chat_backend
-
-    async def _completion_backend(self, cancel: threading.Event) -> Backend | None:
-        backends = self.server.backends
-        while backends.backend is None and not cancel.is_set():
-            status = backends.status
-            if status["state"] == "error":
-                raise JsonRpcException(f"{CHAT_COMMAND}: the model did not load: "
-                                       f"{status.get('message')}", code=REQUEST_FAILED)
-            await asyncio.sleep(MODEL_WAIT_POLL_S)
-        return None if cancel.is_set() else backends.backend
-
     def close(self) -> None:
-        """Unload the chat model (the next chat loads it again)."""
-        backend, self._chat_backend, self._chat_backend_key = self._chat_backend, None, None
-        if backend is not None:
-            backend.close()
-
-
-def register(server: "StableLMServer") -> ChatService:
-    """Add `stablelm.chat` to `server`; the returned service's close() unloads the chat model."""
-    service = ChatService(server)
-
-    async def chat_command(*arguments):     # pygls passes the command's arguments positionally
-        return await service.chat(*arguments)
-
-    server.command(CHAT_COMMAND)(chat_command)
-    return service
+        self.models.close()

@@ -51,8 +51,8 @@ def _complete(args: argparse.Namespace) -> int:
     from stablelm_lsp.inference.prompts.fim import TemplateError
 
     from .completion import Completer
-    from .documents import Document, PositionEncoding
-    from .server import inline_item, relative_path
+    from .documents import Document, PositionEncoding, relative_path
+    from .items import inline_item
     from .settings import SettingsError
 
     try:

@@ -4,12 +4,16 @@ A document is kept as a list of lines, each with its own terminator (the last on
 that an incremental edit touches only the lines it spans and a prompt can be cut from the lines
 around the cursor without joining a 5 MB buffer on every keystroke. Positions arrive in the
 encoding negotiated at initialize (utf-16 by default) and are turned into Python string indices
-(code points) here and nowhere else.
+(code points) here and nowhere else. `relative_path` names a document's URI as prompts show it.
 """
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from pygls.uris import to_fs_path
 
 from stablelm_lsp.inference.prompts.lines import line_content, split_lines
 
@@ -164,3 +168,25 @@ class DocumentStore:
 
     def __len__(self) -> int:
         return len(self._documents)
+
+
+def relative_path(uri: str, root_uris: list[str]) -> tuple[str, str]:
+    """(path of `uri` relative to the innermost root containing it, that root's folder name);
+    the file name alone and no repository name outside every root."""
+    path = to_fs_path(uri) if uri.startswith("file:") else None
+    if path is None:       # untitled:, other schemes
+        return uri.split(":", 1)[-1].lstrip("/"), ""
+    best: tuple[str, str] | None = None
+    for root_uri in root_uris:
+        root = to_fs_path(root_uri) if root_uri.startswith("file:") else None
+        if not root:
+            continue
+        try:
+            rel = os.path.relpath(path, root)
+        except ValueError:      # another drive
+            continue
+        if not rel.startswith(".."):
+            candidate = (PurePosixPath(*rel.split(os.sep)).as_posix(), os.path.basename(root.rstrip(os.sep)))
+            if best is None or len(candidate[0]) < len(best[0]):
+                best = candidate
+    return best or (os.path.basename(path), "")

@@ -66,7 +66,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import StableLMServer, configure_logging, serve_stdio, serve_tcp
+    from .process import configure_logging, serve_stdio, serve_tcp
+    from .server import StableLMServer
 
     try:
         settings = settings_from_args(args)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-BUILTIN_MODEL_DIR = Path(__file__).resolve().parent / "builtin"
-
 
 def builtin_model_path() -> Path:
     """The small model trained by the project and shipped in the package (training/): the one
     place that knows where it lies."""
-    return BUILTIN_MODEL_DIR
+    return Path(__file__).resolve().parent / "builtin"
 
 
 _LAZY = {
@@ -38,4 +36,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["BUILTIN_MODEL_DIR", "builtin_model_path", *_LAZY]
+__all__ = ["builtin_model_path", *_LAZY]

@@ -74,6 +74,10 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         raise CheckpointError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise CheckpointError(f"device {device!r} asked for, but this machine has {count} CUDA "
+                              f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
     if dev.type not in ("cpu", "cuda"):
         raise CheckpointError(f"unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
     return dev

@@ -90,8 +90,29 @@ def sdpa_attention(q, key, value, layer: int, cache: "KVCache | None", attn: "At
     """
     if cache is not None:
         key, value = cache.write(layer, key, value, attn)
-    return F.scaled_dot_product_attention(q, key, value, attn_mask=attn.mask, is_causal=attn.is_causal,
-                                          enable_gqa=q.shape[1] != key.shape[1])
+    return attend(q, key, value, attn.mask, attn.is_causal)
+
+
+def attend(q, key, value, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """torch SDPA for q [B, H, T, D] over key/value [B, K, S, D] -> [B, H, T, D]; mask [T, S]
+    (True = attend) or None.
+
+    Grouped-query attention (K < H) without the causal flag folds the H / K query heads that share
+    a kv head into the query positions ([B, K, G*T, D], the mask repeated per group): the same
+    math, each kv head read once, and the mask goes to SDPA's fused kernels (`enable_gqa` with a
+    mask falls back to the slow math kernel on CUDA)."""
+    heads, kv_heads = q.shape[1], key.shape[1]
+    if heads == kv_heads:
+        return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, is_causal=is_causal)
+    if is_causal:
+        return F.scaled_dot_product_attention(q, key, value, is_causal=True, enable_gqa=True)
+    b, _, t, d = q.shape
+    group = heads // kv_heads
+    folded = q.reshape(b, kv_heads, group * t, d)      # row g*T + t: query head k*G + g at position t
+    if mask is not None:
+        mask = mask.repeat(group, 1)
+    # reshape: fused CUDA kernels may return the output in another memory layout
+    return F.scaled_dot_product_attention(folded, key, value, attn_mask=mask).reshape(b, heads, t, d)
 
 
 def static_sdpa_attention(q, key, value, layer: int, cache: "KVCache", attn: "AttentionInputs"):
@@ -101,8 +122,7 @@ def static_sdpa_attention(q, key, value, layer: int, cache: "KVCache", attn: "At
     k, v = cache.k[layer], cache.v[layer]
     k.index_copy_(2, attn.slots, key)
     v.index_copy_(2, attn.slots, value)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return attend(q, k, v, attn.mask, False)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -183,7 +203,6 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.length = 0
-        self._slot_positions: torch.Tensor | None = None
         # Rings: the first position whose keys are still held. Kept explicitly because cutting
         # a ring back (truncate) frees slots without bringing back what they overwrote.
         self._oldest = 0
@@ -207,13 +226,6 @@ class KVCache:
         if not self.ring:
             return max(0, self.capacity - self.length)
         return self.capacity - self.window + 1
-
-    @property
-    def slot_positions(self) -> torch.Tensor:
-        """Linear caches: the position each slot holds (slot i holds position i), [capacity]."""
-        if self._slot_positions is None or self._slot_positions.shape[0] != self.capacity:
-            self._slot_positions = torch.arange(self.capacity, device=self.k.device)
-        return self._slot_positions
 
     def advance_static(self) -> None:
         """Account for one token written by Decoder.decode_static at position `length`."""
@@ -396,15 +408,18 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.rope_tables(self.cfg.max_positions, x.device)
         cos, sin = cos.index_select(0, position).to(x.dtype), sin.index_select(0, position).to(x.dtype)
-        k_pos = cache.positions if cache.ring else cache.slot_positions
+        # The capacity is read from the tensors' shapes, never from a Python attribute: compiled
+        # with dynamic shapes, one graph serves every capacity (captured.py).
+        capacity = cache.k.shape[3]
         if cache.ring:
-            slots = position % cache.capacity
+            slots = position % capacity
             cache.positions.index_copy_(0, slots, position)
+            k_pos = cache.positions
             mask = (k_pos >= 0) & (k_pos <= position) & (k_pos > position - cache.window)
         else:
             slots = position
-            mask = k_pos <= position
-        attn = AttentionInputs(slots, cache.capacity, mask[None, :], False)
+            mask = torch.arange(capacity, device=x.device) <= position
+        attn = AttentionInputs(slots, capacity, mask[None, :], False)
         attn.kernel = static_sdpa_attention
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, i, cache, attn)

@@ -134,6 +134,17 @@ async def test_reply_streams_deltas_and_matches_the_engine_on_the_same_prompt(cl
     assert len(client.deltas[params["chatId"]]) > 1
 
 
+async def test_a_chat_without_chat_id_gets_one_from_the_server(client, reference):
+    """The argument as first specified, {messages, context?}: the server makes the chatId, uses
+    it in the deltas and returns it."""
+    result = await chat(client, {"messages": [{"role": "user", "content": QUESTION}]})
+    chat_id = field(result, "chatId")
+    assert isinstance(chat_id, str) and chat_id
+    _, expected = expected_reply(reference, [ChatMessage("user", QUESTION)])
+    assert field(result, "text") == expected.text
+    assert "".join(client.deltas[chat_id]) == expected.text
+
+
 async def test_second_turn_reuses_the_cache_of_the_first(client, reference, capsys):
     first_question = "Explain the selected code."
     context = {"uri": client.document_uri, "range": SELECTION}
@@ -211,7 +222,8 @@ BAD_REQUESTS = [
     ("no argument", lambda uri: [], "takes one argument"),
     ("two arguments", lambda uri: [chat_params([{"role": "user", "content": "a"}])] * 2,
      "takes one argument"),
-    ("missing chatId", lambda uri: [{"messages": [{"role": "user", "content": "a"}]}], "chatId"),
+    ("empty chatId", lambda uri: [{"chatId": "", "messages": [{"role": "user", "content": "a"}]}],
+     "chatId"),
     ("last from assistant", lambda uri: [chat_params([{"role": "assistant", "content": "a"}])],
      "must be the user's"),
     ("context not open", lambda uri: [chat_params([{"role": "user", "content": "a"}],

@@ -2,6 +2,7 @@
 kernel against SDPA (CUDA only)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from stablelm_lsp.inference.attention import (FLASH_PAGE, AttentionChoice, CpuDe
 from stablelm_lsp.inference.engine import Engine
 from stablelm_lsp.inference.errors import AttentionUnavailable
 from stablelm_lsp.models import load_model
-from stablelm_lsp.models.decoder import sdpa_attention
+from stablelm_lsp.models.decoder import attend, sdpa_attention
 
 CUDA = torch.device("cuda")
 READY = dict(installed=True, capability=(9, 0))
@@ -107,6 +108,64 @@ def test_own_cpu_kernel_matches_sdpa(threads):
         torch.set_num_threads(1)
 
 
+def test_grouped_query_attention_folds_query_groups_instead_of_enable_gqa():
+    """attend(): the H / K query heads of a kv head folded into the query rows give SDPA's
+    enable_gqa results, with a mask (draft verification, rings, the captured step), for one
+    query, and causal (a prefill from position 0)."""
+    g = torch.Generator().manual_seed(3)
+    for heads, kv_heads, t, s, masked, causal in [(8, 2, 5, 40, True, False), (6, 3, 1, 33, False, False),
+                                                  (6, 3, 1, 33, True, False), (4, 1, 12, 12, False, True),
+                                                  (4, 4, 4, 20, True, False)]:
+        q = torch.randn(2, t, heads, 16, generator=g).transpose(1, 2)
+        key, value = torch.randn(2, kv_heads, s, 16, generator=g), torch.randn(2, kv_heads, s, 16, generator=g)
+        mask = None
+        if masked:
+            mask = torch.rand(t, s, generator=g) > 0.5
+            mask[:, 0] = True
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, key, value, attn_mask=mask, is_causal=causal, enable_gqa=heads != kv_heads)
+        torch.testing.assert_close(attend(q, key, value, mask, causal), want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_old_or_kernel_less_flash_attn_falls_back_with_the_reason(monkeypatch, stablelm_checkpoint):
+    """flash_attn too old for paged caches, one whose CUDA extension does not load, and one whose
+    kernels fail on this GPU (its self-check at load): auto runs SDPA and says why; asking for
+    flash is an error naming the reason."""
+    import sys
+    import types
+
+    from stablelm_lsp.inference import attention
+
+    def fake_flash(version):
+        module = types.ModuleType("flash_attn")
+        module.__version__ = version
+        module.flash_attn_func = module.flash_attn_with_kvcache = lambda *a, **k: None
+        return module
+
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash("2.3.6"))
+    assert "2.3.6 is too old" in attention.flash_package_problem()
+    kernel_less = types.ModuleType("flash_attn")             # its CUDA extension did not load
+    monkeypatch.setitem(sys.modules, "flash_attn", kernel_less)
+    assert "does not load" in attention.flash_package_problem()
+    monkeypatch.setitem(sys.modules, "flash_attn", None)      # not installed
+    assert attention.flash_package_problem() is False
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash("2.8.3"))
+    assert attention.flash_package_problem() is None
+    assert attention._version_tuple("2.8.3.post1") == (2, 8, 3)
+
+    config = load_model(stablelm_checkpoint, device="cpu", dtype="float32").config
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(attention, "flash_self_check",
+                        lambda device, dtype, cfg: "flash-attn failed its self-check (no kernel image)")
+    config = dataclasses.replace(config, head_dim=64)   # a head size flash-attn takes
+    choice = select_attention("auto", CUDA, torch.bfloat16, config)
+    assert choice.name == "sdpa" and "no kernel image" in choice.reason
+    with pytest.raises(AttentionUnavailable, match="no kernel image"):
+        select_attention("flash", CUDA, torch.bfloat16, config)
+    monkeypatch.setattr(attention, "flash_self_check", lambda device, dtype, cfg: None)
+    assert select_attention("auto", CUDA, torch.bfloat16, config).name == "flash"
+
+
 def test_engine_tokens_do_not_depend_on_the_attention_kernel(checkpoint_factory):
     """Decode steps, drafts and sliding-window rings through the own kernel give SDPA's tokens."""
     for variant in ("stablelm-2-12b", "starcoder2"):    # GQA + qk-norm; GQA + a wrapping ring
@@ -186,4 +245,38 @@ def test_engine_with_flash_gives_the_tokens_of_sdpa_on_cuda(starcoder2_checkpoin
             results[kernel] = engine.generate(ids, max_new_tokens=16)
     assert results["flash"].reused_tokens == results["sdpa"].reused_tokens
     # bf16 kernels round differently: allow them to part ways after a near tie, late
+    assert results["flash"].token_ids[:8] == results["sdpa"].token_ids[:8]
+
+
+@pytest.mark.cuda
+@needs_flash
+def test_flash_reads_a_ring_of_several_pages_in_bfloat16(checkpoint_factory):
+    """A window of 300 makes a ring of two 256-position pages; 1200 tokens wrap it three times,
+    chunked prefill and decode steps in bf16, through the engine: SDPA's tokens (up to a late
+    near-tie) and the same reuse."""
+    path = checkpoint_factory("starcoder2", sliding_window=300, max_position_embeddings=2048)
+    loaded = load_model(path, device="cuda", dtype="bfloat16")
+    model, cfg = loaded.model, loaded.config
+    capacity = ring_capacity(cfg.sliding_window, 64, "flash")
+    assert capacity == 2 * FLASH_PAGE
+    from stablelm_lsp.inference.attention import FlashAttention
+
+    ids = torch.randint(7, cfg.vocab_size, (1, 1200), generator=torch.Generator().manual_seed(1)).cuda()
+    logits = {}
+    for name, kernel in (("sdpa", sdpa_attention), ("flash", FlashAttention(cfg))):
+        model.attention = kernel
+        cache = model.new_cache(capacity)
+        out = [model(chunk, cache) for chunk in ids[:, :1152].split(64, dim=1)]
+        out += [model(ids[:, t:t + 1], cache) for t in range(1152, 1200)]
+        logits[name] = torch.cat(out, dim=1)
+    model.attention = sdpa_attention
+    torch.testing.assert_close(logits["flash"], logits["sdpa"], atol=5e-2, rtol=5e-2)
+    rng = random.Random(4)
+    prompt = [rng.randrange(7, cfg.vocab_size) for _ in range(1100)]
+    results = {}
+    for kernel in ("sdpa", "flash"):
+        with Engine(loaded, attention=kernel, prefill_chunk=64) as engine:
+            engine.generate(prompt[:900], max_new_tokens=4)
+            results[kernel] = engine.generate(prompt, max_new_tokens=16)
+    assert results["flash"].reused_tokens == results["sdpa"].reused_tokens
     assert results["flash"].token_ids[:8] == results["sdpa"].token_ids[:8]

@@ -89,6 +89,7 @@ def test_compiled_step_on_cpu_gives_the_same_tokens(checkpoint_factory):
         Engine(loaded, decode_step="compile")
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
 @pytest.mark.parametrize("variant", ["stablelm-3b", "starcoder2"])
@@ -98,3 +99,152 @@ def test_captured_step_on_cuda_gives_the_same_tokens(checkpoint_factory, variant
     want = engine_tokens(loaded, prompts, draft_tokens=0)
     assert engine_tokens(loaded, prompts, draft_tokens=0, decode_step=mode) == want
     assert engine_tokens(loaded, prompts, decode_step=mode) == want
+
+
+class FakeGraph:
+    """Stands for a captured graph in the bookkeeping tests (capturing needs CUDA)."""
+
+    def __init__(self, cache):
+        self.cache_id = id(cache)
+
+    def matches(self, cache):
+        from stablelm_lsp.inference.captured import _Graph
+
+        return _Graph.matches(self, cache)
+
+
+def test_graphs_are_replayed_only_for_the_cache_and_tensors_they_were_captured_on(stablelm_checkpoint):
+    """The bookkeeping of captured graphs, checked without CUDA: one graph per cache, a new one
+    when the cache's tensors change (it grew), none left when the cache is dropped (so a new
+    cache at the same address, or in the same memory, is captured anew), at most `limit`."""
+    import gc
+
+    from stablelm_lsp.inference.captured import GraphCache
+
+    model = load_model(stablelm_checkpoint, device="cpu", dtype="float32").model
+    graphs, captured = GraphCache(limit=3), []
+
+    def capture(cache):
+        captured.append(id(cache))
+        return FakeGraph(cache)
+
+    a = model.new_cache(32)
+    first = graphs.get(a, capture)
+    assert graphs.get(a, capture) is first and len(captured) == 1
+    assert first.tensors[0] is a.k         # held: that memory goes to no other tensor meanwhile
+    a.length = 20
+    a.ensure_capacity(100)                 # new tensors: the old graph would write freed memory
+    grown = graphs.get(a, capture)
+    assert grown is not first and len(captured) == 2 and len(graphs) == 1
+    del a, first, grown
+    gc.collect()
+    assert len(graphs) == 0                # dropped with its cache, tensors released
+    b = model.new_cache(32)
+    graphs.get(b, capture)
+    assert len(captured) == 3
+    others = [model.new_cache(16) for _ in range(3)]
+    for cache in others:
+        graphs.get(cache, capture)
+    assert len(graphs) == 3                # the oldest (b's) was dropped
+    graphs.get(b, capture)
+    assert len(captured) == 7
+
+
+@pytest.mark.skipif(bool(decode_step_problems("compile", torch.device("cpu"))),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_step_compiles_once_at_load_for_every_capacity(checkpoint_factory):
+    """The compiled step is compiled when the engine is made, and caches of other capacities
+    (a linear cache grows with the prompt) do not compile it again."""
+    from torch._dynamo.utils import counters
+
+    loaded = load_model(checkpoint_factory("stablelm-3b"), device="cpu", dtype="float32")
+    torch._dynamo.reset()
+    counters.clear()
+    with Engine(loaded, decode_step="compile", linear="torch", draft_tokens=0) as engine:
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled >= 1                  # at load
+        step, model = engine.decode_step, loaded.model
+        for capacity in (40, 97, 300):
+            cache, plain = model.new_cache(capacity), model.new_cache(capacity)
+            ids = random_ids(random.Random(capacity), 24, model.cfg.vocab_size)
+            model(torch.tensor([ids[:20]]), cache)
+            model(torch.tensor([ids[:20]]), plain)
+            for t in ids[20:]:
+                got = step(cache, t)
+                want = model(torch.tensor([[t]]), plain)[0, -1]
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("variant", ["stablelm-2-12b", "starcoder2"])
+def test_cuda_graph_in_bfloat16_replays_the_static_step_exactly(checkpoint_factory, variant):
+    """bf16 (what GPU users run): the captured graph gives the logits of the same step run
+    uncaptured, bit for bit, through a cut-back and (StarCoder2) a ring's wrap."""
+    model = load_model(checkpoint_factory(variant), device="cuda", dtype="bfloat16").model
+    step = DecodeStep(model, "cuda-graph", torch.device("cuda"))
+    ids = random_ids(random.Random(1), 60, model.cfg.vocab_size)
+    a, b = model.new_cache(80), model.new_cache(80)
+    model(torch.tensor([ids[:20]], device="cuda"), a)
+    model(torch.tensor([ids[:20]], device="cuda"), b)
+    with torch.inference_mode():
+        for i, t in enumerate(ids[20:]):
+            if i == 15:
+                a.truncate(a.length - 3)
+                b.truncate(b.length - 3)
+            got = step(a, t)
+            want = model.decode_static(torch.tensor([[t]], device="cuda"),
+                                       torch.tensor([b.length], device="cuda"), b)[0, -1]
+            b.advance_static()
+            assert torch.equal(got, want), (variant, i)
+
+
+def _side_by_side(loaded_a, loaded_b, mode: str):
+    """Two engines (a completion and a chat model) generating at the same time from two
+    threads, each capturing its own graphs: the tokens of each running alone."""
+    import threading
+
+    prompts_a = edit_session(loaded_a.config.vocab_size)
+    prompts_b = edit_session(loaded_b.config.vocab_size)[::-1]
+    alone = (engine_tokens(loaded_a, prompts_a, decode_step=mode),
+             engine_tokens(loaded_b, prompts_b, decode_step=mode))
+    results, errors = {}, []
+
+    def run(name, loaded, prompts):
+        try:
+            results[name] = engine_tokens(loaded, prompts, decode_step=mode)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=("a", loaded_a, prompts_a)),
+               threading.Thread(target=run, args=("b", loaded_b, prompts_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert (results["a"], results["b"]) == alone
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_two_engines_capture_and_replay_side_by_side(checkpoint_factory):
+    _side_by_side(load_model(checkpoint_factory("stablelm-3b"), device="cuda", dtype="bfloat16"),
+                  load_model(checkpoint_factory("starcoder2"), device="cuda", dtype="bfloat16"),
+                  "cuda-graph")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+@pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
+def test_captured_step_on_a_second_device(checkpoint_factory, mode):
+    """cuda:1: captured and replayed on that device (not on cuda:0, the current one)."""
+    path = checkpoint_factory("starcoder2")
+    loaded = load_model(path, device="cuda:1", dtype="float32")
+    prompts = edit_session(loaded.config.vocab_size)
+    want = engine_tokens(load_model(path, device="cuda:1", dtype="float32"), prompts, draft_tokens=0)
+    assert engine_tokens(loaded, prompts, draft_tokens=0, decode_step=mode) == want
+    _side_by_side(loaded, load_model(checkpoint_factory("stablelm-3b"), device="cuda:0",
+                                     dtype="float32"), mode)

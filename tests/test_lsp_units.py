@@ -8,7 +8,8 @@ from stablelm_lsp.inference.load import describe_model
 from stablelm_lsp.lsp.completion import ShownCompletion
 from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
 from stablelm_lsp.lsp.postprocess import Completion
-from stablelm_lsp.lsp.server import inline_item, relative_path
+from stablelm_lsp.lsp.documents import relative_path
+from stablelm_lsp.lsp.items import inline_item
 from stablelm_lsp.lsp.settings import _JSON_NAMES as _SERVER_SETTINGS
 from stablelm_lsp.lsp.settings import Settings, SettingsError
 from stablelm_lsp.lsp.stats import Stats

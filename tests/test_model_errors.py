@@ -100,8 +100,8 @@ def test_sharded_checkpoint_and_missing_shard(ckpt):
         save_file({k: tensors[k] for k in keys}, ckpt / file, metadata={"format": "pt"})
         weight_map.update({k: file for k in keys})
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ids = torch.tensor([[5, 6, 7, 8]])
     sharded = load_model(ckpt)
+    ids = torch.tensor([[5, 6, 7, 8]], device=sharded.device)   # the GPU where there is one
     assert sharded.model(ids).shape == (1, 4, sharded.config.vocab_size)
     (ckpt / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError) as exc:
@@ -118,8 +118,8 @@ def test_pickle_refused_unless_allowed(ckpt, stablelm_checkpoint):
     with pytest.raises(PickleRefused) as exc:
         load_model(ckpt)
     assert "pytorch_model.bin" in one_line(exc)
-    ids = torch.tensor([[5, 6, 7, 8]])
     allowed = load_model(ckpt, allow_pickle=True)
+    ids = torch.tensor([[5, 6, 7, 8]], device=allowed.device)
     torch.testing.assert_close(allowed.model(ids), load_model(stablelm_checkpoint).model(ids))
 
 
@@ -137,6 +137,16 @@ def test_bad_device_and_dtype(stablelm_checkpoint):
         with pytest.raises(CheckpointError) as exc:
             load_model(stablelm_checkpoint, device="cuda")
         assert "CUDA is not available" in one_line(exc)
+
+
+def test_a_cuda_device_beyond_the_machines_is_a_clear_error(stablelm_checkpoint, monkeypatch):
+    if not torch.cuda.is_available():   # the check runs before CUDA is touched
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    count = torch.cuda.device_count()
+    with pytest.raises(CheckpointError) as exc:
+        load_model(stablelm_checkpoint, device=f"cuda:{count}")
+    assert f"cuda:{count}" in one_line(exc) and f"has {count} CUDA device" in one_line(exc)
 
 
 def test_missing_norm_biases_load_as_zero(ckpt):

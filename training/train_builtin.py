@@ -165,7 +165,7 @@ def save_tokenizer(tok, out: Path, model_max_length: int) -> None:
 class SampleMaker:
     """Turns a chunk of a file into one training row of at most context+1 token ids.
 
-    FIM rows use one of the two layouts lsp/prompt.py renders for a tokenizer with FIM tokens:
+    FIM rows use one of the two layouts inference/prompts/fim.py renders for a tokenizer with FIM tokens:
     plain `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>{middle}` or, when the tokenizer
     also has `<file_sep>`, the repository layout
     `{context}<file_sep><fim_prefix>{path}\n{prefix}<fim_suffix>{suffix}<fim_middle>{middle}`
