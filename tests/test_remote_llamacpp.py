@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 import uuid
 
 import httpx
@@ -34,7 +33,7 @@ from stablelm_lsp.lsp.completion import Completer
 from stablelm_lsp.lsp.documents import Cursor, split_lines
 from stablelm_lsp.lsp.settings import Settings
 from stablelm_lsp.models import Tokenizer
-from test_remote_lsp import serving
+from test_remote_lsp import eventually, serving
 
 pytestmark = pytest.mark.skipif(llama_cpp_engine.missing() is not None,
                                 reason=str(llama_cpp_engine.missing()))
@@ -104,13 +103,6 @@ async def session(engine, checkpoint, tmp_path):
     async with serving(tmp_path, engine.url, "--model", str(checkpoint), "--timeout-ms", "600000",
                        "--chat-max-new-tokens", str(CHAT_TOKENS), text=SOURCE) as (client, uri):
         yield client, uri
-
-
-async def eventually(test, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not test():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def engine_answer(engine, body: dict, route: str = "/v1/completions") -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import subprocess
 import sys
@@ -90,8 +91,9 @@ def errors_shown(client) -> list[str]:
 
 
 async def eventually(test, timeout: float = TIMEOUT_S):
+    """Until `test()` (a function or a coroutine function) is true."""
     deadline = time.monotonic() + timeout
-    while not await test():
+    while not (await result if inspect.isawaitable(result := test()) else result):
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.05)
 
