@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import uuid
 
 import httpx
@@ -181,6 +182,8 @@ async def test_typing_reuses_the_engines_cache(engine, session):
             reused.append(hits[-1])
     assert len(reused) >= 3, reused
     last = (await status(client))["lastRun"]
+    print(f"keystrokes answered by the engine: {len(reused)}; (prompt tokens from its cache, "
+          f"evaluated) each: {reused}; last prompt {last['promptTokens']} tokens")
     for kept, evaluated in reused:
         # One keystroke changes the prompt's last token or two; the rest comes from the cache.
         assert evaluated <= 3 and kept >= last["promptTokens"] - 40, (kept, evaluated, last)
@@ -205,7 +208,9 @@ async def test_cancel_mid_stream(engine, session):
     with pytest.raises(JsonRpcRequestCancelled):
         await asyncio.wrap_future(future)
     # The server closed the stream: the engine saw its client go and stopped generating.
+    start = time.monotonic()
     await eventually(lambda: engine.log_text().count("Disconnected from client") > disconnected)
+    print(f"the engine logged the disconnect {time.monotonic() - start:.2f} s after the cancel")
 
 
 @asyncio_test
