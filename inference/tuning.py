@@ -147,9 +147,21 @@ def store(key: dict, timings: dict) -> None:
         log.info("could not store the kernel measurements in %s: %s", path, exc)
 
 
+def measured(key: dict, measure: Callable[[], dict]) -> tuple[dict, str]:
+    """The timings stored under `key`, else measure() stored under it; and how they were had."""
+    timings = load_cached(key)
+    if timings is not None:
+        return timings, f"measured before ({cache_file(key).name})"
+    t0 = time.perf_counter()
+    timings = measure()
+    timings["seconds"] = round(time.perf_counter() - t0, 3)
+    store(key, timings)
+    return timings, f"measured in {timings['seconds']:.1f} s"
+
+
 # -- measuring ------------------------------------------------------------------------------
 
-class _Clock:
+class Clock:
     """Counts sweeps for the progress callback."""
 
     def __init__(self, total: int, progress: Progress | None):
@@ -209,7 +221,7 @@ def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float
 
 
 def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[Impl], *,
-                   chunk: int, dtype: torch.dtype, clock: _Clock) -> dict:
+                   chunk: int, dtype: torch.dtype, clock: Clock) -> dict:
     """{group: {"layers": n, "us": {impl: {m: microseconds per pass through all its layers}}}}.
     layers: all of them in model order."""
     order = {id(layer): i for i, layer in enumerate(layers)}
@@ -259,7 +271,7 @@ def sweeps(groups: list[Group], impls: list[Impl], chunk: int, attention: bool) 
     return linear + len(POINTS) * (2 if attention else 1) * REPEATS
 
 
-def measure_attention(model, kernel, *, points=POINTS, clock: _Clock) -> dict:
+def measure_attention(model, kernel, *, points=POINTS, clock: Clock) -> dict:
     """{"us": {"cpu"|"sdpa": {t: microseconds for all layers}}, "context": S} for steps of t
     positions over S cached ones; kernel: the own one (None: SDPA alone)."""
     cfg = model.cfg
@@ -414,19 +426,14 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
            "groups": [[g.name, len(g.layers)] for g in groups],
            "attention": [model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim,
                          model.cfg.num_layers, model.cfg.max_positions, own_attention is not None]}
-    t0 = time.perf_counter()
-    timings = load_cached(key)
-    if timings is not None:
-        source = f"measured before ({cache_file(key).name})"
-    else:
-        clock = _Clock(sweeps(groups, impls, chunk, own_attention is not None), progress)
+
+    def measure() -> dict:
+        clock = Clock(sweeps(groups, impls, chunk, own_attention is not None), progress)
         with torch.inference_mode():
-            timings = {"linear": measure_linear(layers, groups, impls, chunk=chunk, dtype=dtype,
-                                                clock=clock),
-                       "attention": measure_attention(model, own_attention, clock=clock)}
-        timings["seconds"] = round(time.perf_counter() - t0, 3)
-        store(key, timings)
-        source = f"measured in {timings['seconds']:.1f} s"
+            return {"linear": measure_linear(layers, groups, impls, chunk=chunk, dtype=dtype, clock=clock),
+                    "attention": measure_attention(model, own_attention, clock=clock)}
+
+    timings, source = measured(key, measure)
     tables = {}
     for group in groups:
         us = timings["linear"][group.name]["us"]
