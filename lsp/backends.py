@@ -70,13 +70,15 @@ def load_local_backend(model: str | None, settings: Settings, progress: Progress
 
 def engine_options(settings) -> dict:
     """The engine's options from settings (or the CLI's arguments, which use the same names)."""
-    return {"attention": settings.attention, "decode_step": settings.decode_step,
+    return {"attention": settings.attention, "linear": settings.linear,
+            "decode_step": settings.decode_step,
             **({} if settings.speculation else {"draft_tokens": 0})}
 
 
 class BackendManager:
     """Owns the completion backend. `status` is what `stablelm/status` reports:
-    {state: loading|ready|error, model, builtin, device, dtype, message?}."""
+    {state: loading|ready|error, model, builtin, device, dtype, message?, kernels?} (kernels:
+    what inference/tuning.py chose, once ready)."""
 
     def __init__(self, on_status: Callable[[dict], None],
                  on_progress: Callable[[str, float, str, int], None],
@@ -192,7 +194,7 @@ class BackendManager:
         # The name stays the one reported while loading; the path is where it was read from.
         self._finish(generation, backend, {"state": "ready", "path": os.path.abspath(info.path),
                                            "builtin": info.builtin, "device": info.device,
-                                           "dtype": info.dtype})
+                                           "dtype": info.dtype, "kernels": info.kernels})
 
     def _finish(self, generation: int, backend: Backend | None, status: dict) -> None:
         with self._lock:

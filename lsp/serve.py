@@ -63,7 +63,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "statsFile": getattr(args, "stats_file", None),
         "prefixCache": False if getattr(args, "no_prefix_cache", False) else None,
         "speculation": False if not args.speculation else None,
-        "attention": args.attention, "decodeStep": args.decode_step,
+        "attention": args.attention, "linear": args.linear, "decodeStep": args.decode_step,
     }
     return Settings().merged({k: v for k, v in flags.items() if v is not None})
 

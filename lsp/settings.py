@@ -45,7 +45,8 @@ class Settings:
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
     speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
-    attention: str = "auto"           # auto | sdpa | flash (inference/attention.py)
+    attention: str = "auto"           # auto | sdpa | flash | cpu (inference/attention.py)
+    linear: str = "auto"              # auto (measured) or one forced kernel (inference/linear.py)
     decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
 
     def stats_path(self) -> Path:
@@ -58,7 +59,7 @@ class Settings:
         """Whether going to `other` needs the completion model loaded again."""
         return any(getattr(self, f) != getattr(other, f)
                    for f in ("model", "device", "dtype", "allow_pickle", "prefix_cache",
-                             "speculation", "attention", "decode_step"))
+                             "speculation", "attention", "linear", "decode_step"))
 
     def merged(self, values: Mapping[str, Any] | None) -> "Settings":
         """These settings updated from client JSON; raises SettingsError (with the good values
@@ -100,8 +101,9 @@ _RANGES = {
     "chat_max_new_tokens": (1, 32768),
     "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
+_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
+            "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen"),
             "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 

@@ -17,7 +17,7 @@ local defaults = {
   --- Or a Python interpreter with stablelm-lsp installed: runs `python -m stablelm_lsp.lsp --stdio`.
   python = nil,
   --- Server settings (initializationOptions and workspace/didChangeConfiguration). Unset keys
-  --- keep the server's defaults: model, device, dtype, speculation, attention, decodeStep,
+  --- keep the server's defaults: model, device, dtype, speculation, attention, linear, decodeStep,
   --- maxNewTokens, temperature,
   --- contextTokens, debounceMs, chatModel, chatMaxNewTokens, enabled.
   settings = {},
