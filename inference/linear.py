@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stablelm_lsp.models.quantize import Int8Linear, dequantize
+from stablelm_lsp.models.quantize import Int8Linear, dequantize, quantize_rows
 
 from .cpu_kernels import kernel_for
 from .errors import InvalidParameter
@@ -140,9 +140,12 @@ def _onednn(layer: KernelLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _widen(layer: KernelLinear, x: torch.Tensor) -> torch.Tensor:
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
-    w = dequantize(layer.weight, layer.scale, dtype) if layer.int8 else layer.weight.to(dtype)
     bias = None if layer.bias is None else layer.bias.to(dtype)
-    return F.linear(x.to(dtype), w, bias).to(x.dtype)
+    if not layer.int8:
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias).to(x.dtype)
+    # the scales applied to the outputs: one conversion of the weights, no second pass over them
+    y = F.linear(x.to(dtype), layer.weight.to(dtype)).mul_(layer.scale.to(dtype))
+    return (y if bias is None else y.add_(bias)).to(x.dtype)
 
 
 def _torch_int8(layer: KernelLinear, x: torch.Tensor) -> torch.Tensor:
@@ -259,8 +262,6 @@ def _int8pack_problem(device: torch.device, dtype: torch.dtype) -> str | None:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(24, 64, generator=g)
         q, scale = torch.empty(24, 64, dtype=torch.int8), torch.empty(24)
-        from stablelm_lsp.models.quantize import quantize_rows
-
         quantize_rows(w, q, scale)
         x = torch.randn(3, 64, generator=g)
         layer = KernelLinear(q.to(device), None, scale.to(device))

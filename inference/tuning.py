@@ -21,7 +21,9 @@ logits only).
 The result (timings; the choices follow from them) is stored beside the kernel cache
 (cpu_kernels.cache_dir()), named by a digest of everything it depends on: CPU model and flags,
 threads, torch version, dtype, the layers' shapes, the candidates and the kernel build. A later
-load with the same key reuses it at once; anything else measures again.
+load with the same key reuses it at once; anything else measures again. Timings taken while
+other processes kept the CPUs busy (load average) are used, and replaced at the first start that
+finds the machine quiet.
 
 The draft length of speculation (engine.py) follows from the same numbers: the cost of a pass
 of k + 1 positions against one, and an assumed chance ACCEPTANCE that a draft token is taken.
@@ -147,16 +149,28 @@ def store(key: dict, timings: dict) -> None:
         log.info("could not store the kernel measurements in %s: %s", path, exc)
 
 
+def busy() -> bool:
+    """Whether other processes keep the CPUs busy (the 1-minute load average within half a CPU
+    of their count): timings taken now may mislead."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
+    except OSError:
+        return False
+
+
 def measured(key: dict, measure: Callable[[], dict]) -> tuple[dict, str]:
-    """The timings stored under `key`, else measure() stored under it; and how they were had."""
+    """The timings stored under `key`, else measure() stored under it; and how they were had.
+    Timings taken on a busy machine are used until a start finds it quiet and measures again."""
     timings = load_cached(key)
-    if timings is not None:
+    quiet = not busy()
+    if timings is not None and not (timings.get("busy") and quiet):
         return timings, f"measured before ({cache_file(key).name})"
     t0 = time.perf_counter()
     timings = measure()
     timings["seconds"] = round(time.perf_counter() - t0, 3)
+    timings["busy"] = not quiet
     store(key, timings)
-    return timings, f"measured in {timings['seconds']:.1f} s"
+    return timings, f"measured in {timings['seconds']:.1f} s" + ("" if quiet else " (machine busy)")
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -198,8 +212,8 @@ def _itemsize(layer: KernelLinear) -> int:
 
 
 def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float]) -> dict[str, float]:
-    """Seconds per group for one pass through its timed layers, scaled to all its layers; inf
-    where the candidate fell ABORT_FACTOR behind the best so far."""
+    """Seconds per group for one pass through its timed layers; inf where the candidate fell
+    ABORT_FACTOR behind the best so far (`best`: the same measure)."""
     count = {}
     for group, _ in pairs:
         count[group.name] = count.get(group.name, 0) + 1
@@ -216,8 +230,7 @@ def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float
         timed[name] += 1
         if spent[name] > best.get(name, float("inf")) * ABORT_FACTOR * timed[name] / count[name]:
             spent[name] = float("inf")
-    groups = {group.name: group for group, _ in pairs}
-    return {name: t * len(groups[name].layers) / count[name] for name, t in spent.items()}
+    return spent
 
 
 def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[Impl], *,
@@ -236,6 +249,8 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
             if not here or not runnable:
                 continue
             pairs = _timed_layers(here, order, first_only=long)
+            # a group's time is scaled from its timed layers to all of them
+            scale = {g.name: len(g.layers) / sum(1 for h, _ in pairs if h is g) for g in here}
             xs = _inputs(here, m, dtype)
             best: dict[str, float] = {}
             for _ in range(REPEATS):
@@ -245,9 +260,9 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
                     for name, seconds in spent.items():
                         if seconds == float("inf"):     # fell behind: left out (not stored)
                             continue
-                        mine = us[name].setdefault(impl.name, {})
-                        mine[m] = min(mine.get(m, float("inf")), seconds * 1e6)
                         best[name] = min(best.get(name, float("inf")), seconds)
+                        mine = us[name].setdefault(impl.name, {})
+                        mine[m] = min(mine.get(m, float("inf")), seconds * scale[name] * 1e6)
 
     run([i for i in impls if not i.packed], groups)
     packed = [i for i in impls if i.packed]

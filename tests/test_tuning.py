@@ -66,6 +66,7 @@ def test_the_faster_candidate_wins_each_pass_length():
 
 def test_stored_results_are_reused_for_the_same_key(monkeypatch, tmp_path):
     monkeypatch.setenv("STABLELM_LSP_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "busy", lambda: False)
     key = {**tuning.machine_key(), "model": "synthetic"}
     calls = []
 
@@ -86,11 +87,21 @@ def test_stored_results_are_reused_for_the_same_key(monkeypatch, tmp_path):
     other, source = tuning.measured({**key, "cpu": "another CPU"}, measure)
     assert source.startswith("measured in") and calls == [1, 1]
     assert len(list((tmp_path / "kernels").glob("tuning-*.json"))) == 2
+    # taken on a busy machine: used while it stays busy, measured again once it is quiet
+    busy_key = {**key, "model": "measured while busy"}
+    monkeypatch.setattr(tuning, "busy", lambda: True)
+    _, source = tuning.measured(busy_key, measure)
+    assert source.endswith("(machine busy)") and calls == [1, 1, 1]
+    assert tuning.measured(busy_key, measure)[1].startswith("measured before") and len(calls) == 3
+    monkeypatch.setattr(tuning, "busy", lambda: False)
+    assert tuning.measured(busy_key, measure)[1].startswith("measured in") and len(calls) == 4
+    assert tuning.measured(busy_key, measure)[1].startswith("measured before") and len(calls) == 4
 
 
 def test_the_engine_reuses_its_measurements_but_not_another_cpus_or_builds(
         monkeypatch, tmp_path, stablelm_checkpoint):
     monkeypatch.setenv("STABLELM_LSP_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuning, "busy", lambda: False)
     cpu_kernels.reset_for_tests()
     try:
         def source(**options) -> str:
