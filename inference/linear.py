@@ -28,6 +28,7 @@ On CUDA float layers stay nn.Linear ("torch"); int8 layers get "torch" or "widen
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -121,6 +122,16 @@ class KernelLinear(nn.Module):
         table = ", ".join(f"{'<=' + str(b) if b else 'longer'}: {i.name}" for b, i in self.table)
         return (f"in_features={self.in_features}, out_features={self.out_features}"
                 f"{', int8' if self.int8 else ''}; {table}")
+
+
+def release_freed_memory() -> None:
+    """Give the pages of freed weights back to the system: glibc keeps freed heap blocks resident,
+    and packing (or unpacking) layer by layer frees one weight per layer, amid the others
+    (without this, a model packed for oneDNN stayed 13% above its weights' bytes)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):   # not glibc
+        pass
 
 
 def _parameter(t: torch.Tensor) -> nn.Parameter:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .linear import Impl, KernelLinear, Table
+from .linear import Impl, KernelLinear, Table, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
         finally:
             for layer in timed:
                 layer.unpack()
+            release_freed_memory()
     return {g.name: {"layers": len(g.layers), "us": us[g.name]} for g in groups}
 
 
@@ -417,6 +418,8 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
     if compiled:
         return Plan({}, source="the decode step is compiled with torch.compile: torch's kernels")
     if device.type != "cpu" and not int8:
+        if linear != "auto":    # only "torch" runs there: anything else is an error
+            forced(linear, candidates(device, dtype, int8))
         return Plan({}, source=f"{device.type}: torch's kernels")
     layers = install(model)
     found = candidates(device, dtype, int8)
@@ -463,6 +466,7 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
             layer.table = table
             if table[0][1].packed:
                 layer.pack()
+    release_freed_memory()
     att_us = timings["attention"]["us"]
     if own_attention is not None and attention_requested == "auto":
         attention_table = choose_attention(att_us)
