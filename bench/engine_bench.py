@@ -26,7 +26,8 @@ model comes first:
    choice; float32 decode <= 0.5x transformers; int8 decode <= 0.4x float32 auto and <= llama.cpp
    Q8_0. A forced choice runs its implementation on every pass of up to 16 positions (all that
    is timed) and its fallback on longer ones (the untimed prefill of the prompt: torch's int8
-   kernel would take minutes there). Decode is also stated against the floor set by the
+   kernel would take minutes there). Measured in rounds: each decode run and each keystroke goes
+   through every configuration in turn, so load from other processes falls on all alike. Decode is also stated against the floor set by the
    machine's memory bandwidth (a large tensor copy): (weight bytes read per token + KV bytes
    read) / bandwidth.
 4. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
@@ -137,7 +138,7 @@ class Config:
         return f"{self.dtype} {self.linear}"
 
 
-def open_engine(path: Path, config: Config, **options):
+def open_engine(path: Path, config: Config, loaded=None, **options):
     """An Engine sampling from the model's whole vocabulary, as transformers does (the
     checkpoints here come with a small stand-in tokenizer, which the engine would otherwise take
     as the limit of what may be sampled). A forced choice runs its implementation on passes of
@@ -146,7 +147,8 @@ def open_engine(path: Path, config: Config, **options):
     from stablelm_lsp.inference.linear import KernelLinear, candidates
     from stablelm_lsp.models import load_model
 
-    loaded = load_model(path, device="cpu", dtype=config.dtype)
+    if loaded is None:
+        loaded = load_model(path, device="cpu", dtype=config.dtype)
     engine = Engine(dataclasses.replace(loaded, tokenizer=None), linear=config.linear, **options)
     if config.linear != "auto":
         # the fallback runs on every layout (plain, packed, int8)
@@ -164,6 +166,7 @@ def keystroke_prompts(vocab: int, keystrokes: int) -> tuple[list[int], list[list
 
 
 def run_engine(engine, base: list[int], prompts: list[list[int]]) -> dict:
+    """The keystroke replay on one engine (median seconds, tokens, reuse and drafts)."""
     times, out, reused, drafted, accepted = [], [], [], 0, 0
     engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")  # the state before typing
     for p in prompts:
@@ -176,17 +179,6 @@ def run_engine(engine, base: list[int], prompts: list[list[int]]) -> dict:
         accepted += r.accepted_tokens
     return {"median_s": statistics.median(times), "out": out, "reused_median": statistics.median(reused),
             "drafted": drafted, "accepted": accepted}
-
-
-def engine_decode(engine, prompt: list[int]) -> tuple[float, list[int]]:
-    """Seconds per generated token with the prompt cached: DECODE_STEPS + 1 passes of one token
-    each (the engine must be built with draft_tokens=0), the best of three runs."""
-    steps = DECODE_STEPS + 1
-    engine.generate(prompt, max_new_tokens=1)
-    # everything but the last prompt token comes from the cache; a new key each run: no
-    # previous completion of the same document to draft from
-    runs = [engine.generate(prompt, max_new_tokens=steps, key=f"run{i}") for i in range(3)]
-    return min(r.elapsed_s for r in runs) / steps, runs[0].token_ids
 
 
 def run_cropped(hf, base: list[int], prompts: list[list[int]]) -> tuple[list[float], list[list[int]]]:
@@ -254,33 +246,93 @@ def configurations(int8: bool) -> list[Config]:
     return configs
 
 
+class EngineRunner:
+    """One configuration of this engine: a decode engine (no drafts) and a replay engine
+    (drafts on), both on one loaded model."""
+
+    def __init__(self, path: Path, config: Config):
+        from stablelm_lsp.models import load_model
+
+        self.name = config.name
+        loaded = load_model(path, device="cpu", dtype=config.dtype)
+        self.decode_engine = open_engine(path, config, loaded, draft_tokens=0)
+        self.replay_engine = open_engine(path, config, loaded)
+        self.plan = self.replay_engine.kernels
+
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self.decode_engine.generate(decode_prompt, max_new_tokens=1)
+        self.replay_engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        # everything but the last prompt token comes from the cache: DECODE_STEPS + 1 passes of
+        # one token each; a new key each run (no previous completion to draft from)
+        r = self.decode_engine.generate(self.decode_prompt, max_new_tokens=DECODE_STEPS + 1, key=f"run{run}")
+        return r.elapsed_s, r.token_ids
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self.replay_engine.generate(prompt, max_new_tokens=NEW_TOKENS, key="doc").token_ids
+
+    def close(self) -> None:
+        self.decode_engine.close()
+        self.replay_engine.close()
+
+
+class TransformersRunner:
+    name = "transformers"
+
+    def __init__(self, hf):
+        self.decode_cont, self.replay_cont = HFContinuation(hf), HFContinuation(hf)
+
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self.decode_cont.generate(decode_prompt, 1)
+        self.replay_cont.generate(base, NEW_TOKENS)
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        out = self.decode_cont.generate(self.decode_prompt, DECODE_STEPS + 1)
+        return time.perf_counter() - t0, out
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self.replay_cont.generate(prompt, NEW_TOKENS)
+
+    def close(self) -> None:
+        pass
+
+
 def compare(path: Path, hf, vocab: int, keystrokes: int, int8: bool, llama: dict) -> dict:
-    """Decode and keystroke replay for every configuration, transformers and llama.cpp."""
+    """Decode and keystroke replay for every configuration, transformers and llama.cpp, in
+    rounds: each decode run and each keystroke goes through every runner in turn, so load from
+    other processes falls on all of them alike; the best of three decode runs, the median
+    keystroke."""
     decode_prompt = random_ids(PROMPT_TOKENS, vocab, seed=2)
     base, prompts = keystroke_prompts(vocab, keystrokes)
-    rows, plans, tokens = {}, {}, {}
-    for config in configurations(int8):
-        with open_engine(path, config, draft_tokens=0) as engine:
-            decode_s, tokens[config.name] = engine_decode(engine, decode_prompt)
-        with open_engine(path, config) as engine:
-            replay = run_engine(engine, base, prompts)
-            if config.linear == "auto":
-                plans[config.dtype] = engine.kernels
-        rows[config.name] = {"decode_s": decode_s, "keystroke_s": replay["median_s"],
-                             "keystroke_out": replay["out"]}
-    cont = HFContinuation(hf)
-    cont.generate(decode_prompt, 1)
-    hf_runs = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        tokens["transformers"] = cont.generate(decode_prompt, DECODE_STEPS + 1)
-        hf_runs.append(time.perf_counter() - t0)
-    cropped, cropped_out = run_cropped(hf, base, prompts)
-    rows["transformers"] = {"decode_s": min(hf_runs) / (DECODE_STEPS + 1),
-                            "keystroke_s": statistics.median(cropped), "keystroke_out": cropped_out}
-    for name, gguf in llama.get("files", {}).items():
-        rows[name] = llama_cpp_rows(gguf, decode_prompt, base, prompts)
-        tokens[name] = rows[name].pop("decode_tokens")
+    runners = [EngineRunner(path, config) for config in configurations(int8)]
+    runners.append(TransformersRunner(hf))
+    runners += [LlamaRunner(name, gguf) for name, gguf in llama.get("files", {}).items()]
+    try:
+        for runner in runners:
+            runner.prepare(decode_prompt, base)
+        decode = {r.name: float("inf") for r in runners}
+        tokens, replay = {}, {r.name: [] for r in runners}
+        keystroke_out = {r.name: [] for r in runners}
+        for run in range(3):
+            for runner in runners:
+                seconds, tokens[runner.name] = runner.decode(run)
+                decode[runner.name] = min(decode[runner.name], seconds / (DECODE_STEPS + 1))
+        for prompt in prompts:
+            for runner in runners:
+                t0 = time.perf_counter()
+                keystroke_out[runner.name].append(runner.keystroke(prompt))
+                replay[runner.name].append(time.perf_counter() - t0)
+        plans = {r.name.split()[0]: r.plan for r in runners
+                 if isinstance(r, EngineRunner) and r.name.endswith(" auto")}
+    finally:
+        for runner in runners:
+            runner.close()
+    rows = {name: {"decode_s": decode[name], "keystroke_s": statistics.median(replay[name]),
+                   "keystroke_out": keystroke_out[name]} for name in decode}
     return {"rows": rows, "plans": plans, "tokens": tokens}
 
 
@@ -304,7 +356,8 @@ def llama_converter(sdist: Path | None, cache: Path) -> Path:
     if sdist is None:
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-                        ":all:", f"llama-cpp-python=={version}", "-d", str(cache)], check=True)
+                        ":all:", f"llama-cpp-python=={version}", "-d", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sdist = next(cache.glob("llama_cpp_python-*.tar.gz"))
     if sdist.is_dir():
         root = sdist
@@ -346,34 +399,45 @@ def convert_to_gguf(llama: Path, checkpoint: Path, out: Path, outtype: str) -> P
     return target
 
 
-def llama_cpp_rows(gguf: Path, decode_prompt: list[int], base: list[int], prompts: list[list[int]]) -> dict:
-    from llama_cpp import Llama
+class LlamaRunner:
+    """llama.cpp through llama-cpp-python on a GGUF of the same weights; its own prefix reuse
+    (the longest common prefix with what its context holds), greedy sampling."""
 
-    threads = torch.get_num_threads()
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_batch=256, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    def __init__(self, name: str, gguf: Path):
+        from llama_cpp import Llama
 
-    def generate(prompt: list[int], n: int) -> list[int]:
+        self.name = name
+        threads = torch.get_num_threads()
+
+        def open_llama():
+            return Llama(model_path=str(gguf), n_ctx=2048, n_batch=256, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+        self.decode_llm, self.replay_llm = open_llama(), open_llama()
+
+    @staticmethod
+    def _generate(llm, prompt: list[int], n: int) -> list[int]:
         return list(itertools.islice(llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0,
                                                   repeat_penalty=1.0), n))
 
-    generate(decode_prompt, 1)
-    runs, out = [], []
-    for _ in range(3):
-        # keep the prompt cached, drop what was generated: DECODE_STEPS + 1 passes of one token
-        llm.n_tokens = len(decode_prompt) - 1
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self._generate(self.decode_llm, decode_prompt, 1)
+        self._generate(self.replay_llm, base, NEW_TOKENS)
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        # keep the prompt but its last token cached, drop what was generated
+        self.decode_llm.n_tokens = len(self.decode_prompt) - 1
         t0 = time.perf_counter()
-        out = generate(decode_prompt, DECODE_STEPS + 1)
-        runs.append(time.perf_counter() - t0)
-    generate(base, NEW_TOKENS)
-    times, replay = [], []
-    for p in prompts:
-        t0 = time.perf_counter()
-        replay.append(generate(p, NEW_TOKENS))
-        times.append(time.perf_counter() - t0)
-    del llm
-    return {"decode_s": min(runs) / (DECODE_STEPS + 1), "keystroke_s": statistics.median(times),
-            "keystroke_out": replay, "decode_tokens": out}
+        out = self._generate(self.decode_llm, self.decode_prompt, DECODE_STEPS + 1)
+        return time.perf_counter() - t0, out
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self._generate(self.replay_llm, prompt, NEW_TOKENS)
+
+    def close(self) -> None:
+        self.decode_llm.close()
+        self.replay_llm.close()
 
 
 # -- memory: the sliding window --------------------------------------------------------------
@@ -463,9 +527,12 @@ def main() -> None:
             if why:
                 llama["skipped"] = why
             else:
-                converter = llama_converter(args.llama_sdist, tmp / "llama-src")
-                llama["files"] = {f"llama.cpp {t}": convert_to_gguf(converter, path, tmp, t)
-                                  for t in ("f32", "q8_0")}
+                try:
+                    converter = llama_converter(args.llama_sdist, tmp / "llama-src")
+                    llama["files"] = {f"llama.cpp {t}": convert_to_gguf(converter, path, tmp, t)
+                                      for t in ("f32", "q8_0")}
+                except (OSError, StopIteration, subprocess.CalledProcessError, tarfile.TarError) as exc:
+                    llama["skipped"] = f"no GGUF of the checkpoint ({type(exc).__name__}: {exc})"
         hf = load_transformers(path)
         vocab = hf.config.vocab_size
         params = sum(p.numel() for p in hf.parameters())

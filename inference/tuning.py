@@ -10,9 +10,9 @@ only serve all pass lengths of a layer (it is the layer's one copy of the weight
 for a group when its mean slowdown against the best at each point is lower than that of the
 best plain-layout choices.
 
-Timing follows the model: each sweep runs every layer in model order (as a decode step meets
-them: weights streamed from memory, not from a cache that one layer alone would fit), timing
-each call; a candidate more than ABORT_FACTOR times slower than the best so far on a group stops
+Timing follows the model: each sweep runs the layers in model order (as a decode step meets
+them: weights streamed from memory, not from a cache that one layer alone would fit; per group
+the first layers holding SWEEP_BYTES, the time scaled to all of them), timing each call; a candidate more than ABORT_FACTOR times slower than the best so far on a group stops
 being timed there. Candidates alternate within each repeat, so a burst of load from another
 process falls on all of them. Prefill chunks are bound by arithmetic: one layer per group is
 timed there. The output head never runs prefill chunks (the engine asks for the last position's
@@ -52,8 +52,8 @@ VERSION = 1
 POINTS = (1, 2, 4, 8, 16)   # pass lengths measured up to the longest draft verification
 REPEATS = 2
 ABORT_FACTOR = 1.5
-# Chance a draft token is taken, for choosing the draft length: n-gram drafts of code are taken
-# about this often (bench/engine_bench.py: 0.6-0.8), the previous completion's far more often.
+# Chance a draft token is taken, for choosing the draft length (bench/engine_bench.py's n-gram
+# drafts: about 0.8 of them; the previous completion's, typed by the user: nearly all).
 ACCEPTANCE = 0.75
 MAX_DRAFT = POINTS[-1] - 1
 ATTENTION_CONTEXT = 1024    # keys attended while timing attention (fewer if the model has fewer)
@@ -422,6 +422,8 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
             forced(linear, candidates(device, dtype, int8))
         return Plan({}, source=f"{device.type}: torch's kernels")
     layers = install(model)
+    for layer in layers:    # a model an earlier engine packed: measured and chosen afresh
+        layer.unpack()
     found = candidates(device, dtype, int8)
     groups = groups_of(layers, model.lm_head)
     if linear == "auto":
