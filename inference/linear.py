@@ -29,6 +29,7 @@ On CUDA float layers stay nn.Linear ("torch"); int8 layers get "torch" or "widen
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -236,6 +237,7 @@ def candidates(device: torch.device, dtype: torch.dtype, int8: bool) -> Candidat
     return Candidates([TORCH], problems, TORCH)
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_problem() -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN"
@@ -259,6 +261,7 @@ def _onednn_problem() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _int8pack_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     op = getattr(torch, "_weight_int8pack_mm", None)
     key = "CUDA" if device.type == "cuda" else "CPU"
