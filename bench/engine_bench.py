@@ -1,9 +1,13 @@
-"""Benchmark (not a test): keystroke latency, decode speed and sliding-window KV memory of the engine.
+"""Benchmark (not a test): keystroke latency, decode speed, the kernels chosen and their
+alternatives, int8 weights, llama.cpp as a peer, and sliding-window KV memory of the engine.
 
-Everything is measured in one run, on the CPU in float32 unless --device/--dtype say otherwise (the
-GPU checks of a lent machine run it with --device cuda), against baselines measured in the same run:
+Everything is measured in one run, on CPU, against baselines measured in the same run; the CPU
+model comes first:
 
-1. Keystroke replay on a random StableLM-style checkpoint of about 160M parameters (hidden 768,
+1. The kernels the engine chose on this machine (inference/tuning.py) for the 160M checkpoint
+   below, float32 and int8: per group of layers the implementation per range of pass lengths,
+   the attention kernel, the draft length and the measured cost of a pass of m positions.
+2. Keystroke replay on a random StableLM-style checkpoint of about 160M parameters (hidden 768,
    12 layers, 12 heads, intermediate 2048, vocab 50304; built here with transformers and
    save_pretrained): a 1500-token prompt, then keystrokes each appending one token, 16 greedy
    tokens after each. Median latency of this engine; of transformers' `generate` from scratch; and
@@ -14,34 +18,44 @@ GPU checks of a lent machine run it with --device cuda), against baselines measu
    without drafts is measured too.
    The same replay where each keystroke types the first token of the completion just shown
    (the user accepts the suggestion by typing it): the rest of it is the engine's draft.
-2. Decode time per token at 1500 tokens of context, against transformers' (target <= 0.5x), and
-   as a fraction of the floor set by the machine's memory bandwidth (measured here with a large
-   tensor copy): (weight bytes read per token + KV bytes read) / bandwidth. One pass per token
-   (no drafts), with the engine's default kernels (on a CPU the project's own linear and
-   attention kernels, inference/csrc/) and with torch's (F.linear, SDPA).
-3. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
+3. Decode time per token at 1500 tokens of context (one pass per token, no drafts) and the
+   keystroke replay (--compare-keystrokes), for the measured choice ("auto") and every linear
+   implementation forced, float32 and int8 weights; transformers; llama.cpp (llama-cpp-python,
+   when importable) on the same weights converted to GGUF f32 and Q8_0 with the
+   convert_hf_to_gguf.py of its source distribution. Targets: auto <= 1.05x the best forced
+   choice; float32 decode <= 0.5x transformers; int8 decode <= 0.4x float32 auto and <= llama.cpp
+   Q8_0. A forced choice runs its implementation on every pass of up to 16 positions (all that
+   is timed) and its fallback on longer ones (the untimed prefill of the prompt: torch's int8
+   kernel would take minutes there). Measured in rounds: each decode run and each keystroke goes
+   through every configuration in turn, so load from other processes falls on all alike. Decode is also stated against the floor set by the
+   machine's memory bandwidth (a large tensor copy): (weight bytes read per token + KV bytes
+   read) / bandwidth.
+4. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
    bytes the engine holds, against the window's own bound and a linear cache.
 
-Prints a table and one JSON line with the ratios.
+Prints tables and one JSON line with the numbers and ratios.
 
-    python bench/engine_bench.py [--keystrokes 20] [--scratch-keystrokes 5] [--threads N]
-                                 [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
-                                 [--decode-step off|static|compile|cuda-graph]
+    python bench/engine_bench.py [--threads N] [--keystrokes 20] [--compare-keystrokes 10]
+        [--scratch-keystrokes 5] [--llama-sdist PATH] [--no-llama] [--no-int8]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from load_bench import build as build_stablelm_160m  # bench/ is on sys.path when run as a script
+from linear_bench import cpu_model  # bench/ is on sys.path when run as a script
+from load_bench import build as build_stablelm_160m
 from stablelm_lsp.inference.prefix_cache import common_prefix_len
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,48 +64,25 @@ NEW_TOKENS = 16
 DECODE_STEPS = 32
 SPECIALS = 7            # ids below this are the tokenizer's special tokens: keep prompts clear of them
 WINDOW, LONG_PROMPT = 256, 4096
-# Engine options of every run that does not set them itself (--decode-step).
-ENGINE_DEFAULTS: dict = {}
 STARCODER2_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
                         num_attention_heads=6, num_key_value_heads=2, sliding_window=WINDOW,
                         max_position_embeddings=8192)
+SHORT_PASS = 16         # forced choices run their implementation up to here (see the docstring)
 
 
-def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
-    src = torch.ones(int(gib * (1 << 30)) // 4, device=device)
+    src = torch.ones(int(gib * (1 << 30)) // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
     return 2 * src.nbytes / best
 
 
-def _timed(fn, device: torch.device) -> float:
-    _sync(device)
+def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
-    _sync(device)
     return time.perf_counter() - t0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model as /proc/cpuinfo gives it."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -118,87 +109,74 @@ class HFContinuation:
         return new
 
 
-def load_transformers(path: Path, device: torch.device = torch.device("cpu"),
-                      dtype: torch.dtype = torch.float32):
+def load_transformers(path: Path):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None   # exactly `steps` tokens, like the engine here
     model.generation_config.pad_token_id = 0
     return model
 
 
-def token_engine(loaded, **options):
-    """An Engine sampling from the model's whole vocabulary, as transformers does: the
-    checkpoints here come with a small stand-in tokenizer, which the engine would otherwise
-    take as the limit of what may be sampled."""
-    from stablelm_lsp.inference.engine import Engine
-
-    return Engine(dataclasses.replace(loaded, tokenizer=None), **{**ENGINE_DEFAULTS, **options})
-
-
 def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
-    ids = torch.tensor([prompt], device=model.device)
+    ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=steps, do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
-def keystroke_replay(loaded, hf, keystrokes: int, scratch_keystrokes: int) -> dict:
-    """Each keystroke appends a random token (the user types something the model did not
-    suggest): the engine reuses the cache, drafts only from n-grams of the sequence."""
-    vocab = loaded.config.vocab_size
+# -- our engine, in each configuration ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dtype: str          # float32 | int8
+    linear: str         # auto, or the implementation forced
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype} {self.linear}"
+
+
+def open_engine(path: Path, config: Config, loaded=None, **options):
+    """An Engine sampling from the model's whole vocabulary, as transformers does (the
+    checkpoints here come with a small stand-in tokenizer, which the engine would otherwise take
+    as the limit of what may be sampled). A forced choice runs its implementation on passes of
+    up to SHORT_PASS positions and its fallback beyond (see the module's docstring)."""
+    from stablelm_lsp.inference.engine import Engine
+    from stablelm_lsp.inference.linear import KernelLinear, candidates
+    from stablelm_lsp.models import load_model
+
+    if loaded is None:
+        loaded = load_model(path, device="cpu", dtype=config.dtype)
+    engine = Engine(dataclasses.replace(loaded, tokenizer=None), linear=config.linear, **options)
+    if config.linear != "auto":
+        # the fallback runs on every layout (plain, packed, int8)
+        fallback = candidates(loaded.device, loaded.dtype, config.dtype == "int8").fallback
+        for layer in engine.model.modules():
+            if isinstance(layer, KernelLinear):
+                layer.table = ((SHORT_PASS, layer.impl_for(1)), (None, fallback))
+    return engine
+
+
+def keystroke_prompts(vocab: int, keystrokes: int) -> tuple[list[int], list[list[int]]]:
     base = random_ids(PROMPT_TOKENS, vocab, seed=0)
     typed = random_ids(keystrokes, vocab, seed=1)
-    prompts = [base + typed[:k + 1] for k in range(keystrokes)]
-    ours = run_engine(loaded, base, prompts)
-    plain = run_engine(loaded, base, prompts, draft_tokens=0)
-    cropped, cropped_out = run_cropped(hf, base, prompts)
-
-    scratch, scratch_out = [], []
-    for p in prompts[:scratch_keystrokes]:
-        t0 = time.perf_counter()
-        scratch_out.append(hf_generate(hf, p, NEW_TOKENS))
-        scratch.append(time.perf_counter() - t0)
-
-    return {
-        "ours_s": ours["median_s"], "no_drafts_s": plain["median_s"], "cropped_s": statistics.median(cropped),
-        "scratch_s": statistics.median(scratch), "keystrokes": keystrokes,
-        "scratch_keystrokes": len(scratch), "reused_median": ours["reused_median"],
-        "drafted": ours["drafted"], "accepted": ours["accepted"],
-        "same_tokens": ours["out"] == cropped_out == plain["out"] and ours["out"][:len(scratch_out)] == scratch_out,
-    }
+    return base, [base + typed[:k + 1] for k in range(keystrokes)]
 
 
-def typing_the_suggestion(loaded, hf, keystrokes: int) -> dict:
-    """Each keystroke appends the first token of the completion just shown (the user types what
-    was suggested): the rest of the previous completion is the engine's draft."""
-    base = random_ids(PROMPT_TOKENS, loaded.config.vocab_size, seed=4)
-    with token_engine(loaded, draft_tokens=0) as engine:   # the prompts, fixed in advance
-        prompts, seq = [], base
-        for _ in range(keystrokes + 1):
-            seq = seq + engine.generate(seq, max_new_tokens=1).token_ids
-            prompts.append(seq)
-    ours = run_engine(loaded, base, prompts[1:])
-    cropped, cropped_out = run_cropped(hf, base, prompts[1:])
-    return {"ours_s": ours["median_s"], "cropped_s": statistics.median(cropped),
-            "keystrokes": keystrokes, "drafted": ours["drafted"], "accepted": ours["accepted"],
-            "same_tokens": ours["out"] == cropped_out}
-
-
-def run_engine(loaded, base: list[int], prompts: list[list[int]], **options) -> dict:
+def run_engine(engine, base: list[int], prompts: list[list[int]]) -> dict:
+    """The keystroke replay on one engine (median seconds, tokens, reuse and drafts)."""
     times, out, reused, drafted, accepted = [], [], [], 0, 0
-    with token_engine(loaded, **options) as engine:
-        engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")  # the state before typing
-        for p in prompts:
-            t0 = time.perf_counter()
-            r = engine.generate(p, max_new_tokens=NEW_TOKENS, key="doc")
-            times.append(time.perf_counter() - t0)
-            out.append(r.token_ids)
-            reused.append(r.reused_tokens)
-            drafted += r.drafted_tokens
-            accepted += r.accepted_tokens
+    engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")  # the state before typing
+    for p in prompts:
+        t0 = time.perf_counter()
+        r = engine.generate(p, max_new_tokens=NEW_TOKENS, key="doc")
+        times.append(time.perf_counter() - t0)
+        out.append(r.token_ids)
+        reused.append(r.reused_tokens)
+        drafted += r.drafted_tokens
+        accepted += r.accepted_tokens
     return {"median_s": statistics.median(times), "out": out, "reused_median": statistics.median(reused),
             "drafted": drafted, "accepted": accepted}
 
@@ -214,70 +192,274 @@ def run_cropped(hf, base: list[int], prompts: list[list[int]]) -> tuple[list[flo
     return times, out
 
 
-def decode_speed(loaded, loaded_torch_linear, hf, bandwidth: float) -> dict:
-    """Seconds per generated token with PROMPT_TOKENS of context already cached: one pass per
-    token (no drafts: the same request repeated would otherwise be drafted whole), with the
-    engine's default linear kernel and with torch's, and transformers'."""
-    prompt = random_ids(PROMPT_TOKENS, loaded.config.vocab_size, seed=2)
-    steps = DECODE_STEPS + 1
-
-    def engine_per_token(model, **options) -> tuple[float, list[int]]:
-        with token_engine(model, **options) as engine:
-            engine.generate(prompt, max_new_tokens=1)
-            # everything but the last prompt token comes from the cache: steps forward passes of
-            # one token each (without drafts), the first at position 1499. A new key each run:
-            # no previous completion of the same document to draft from.
-            runs = [engine.generate(prompt, max_new_tokens=steps, key=f"run{i}") for i in range(3)]
-        return min(r.elapsed_s for r in runs) / steps, runs[0]
-
-    ours, _ = engine_per_token(loaded, draft_tokens=0)
-    ours_torch_linear, _ = engine_per_token(loaded_torch_linear, linear="torch", attention="sdpa",
-                                            draft_tokens=0)
-    # with drafts from the sequence itself (per generated token; depends on how repetitive the
-    # model's output is: a random model repeats itself a lot)
-    ours_drafts, drafted = engine_per_token(loaded)
-
-    cont = HFContinuation(hf)
-    cont.generate(prompt, 1)
-    hf_runs = []
-    for _ in range(3):
+def keystroke_replay(path: Path, hf, vocab: int, keystrokes: int, scratch_keystrokes: int) -> dict:
+    """Each keystroke appends a random token (the user types something the model did not
+    suggest): the engine reuses the cache, drafts only from n-grams of the sequence."""
+    base, prompts = keystroke_prompts(vocab, keystrokes)
+    auto = Config("float32", "auto")
+    with open_engine(path, auto) as engine:
+        ours = run_engine(engine, base, prompts)
+    with open_engine(path, auto, draft_tokens=0) as engine:
+        plain = run_engine(engine, base, prompts)
+    cropped, cropped_out = run_cropped(hf, base, prompts)
+    scratch, scratch_out = [], []
+    for p in prompts[:scratch_keystrokes]:
         t0 = time.perf_counter()
-        cont.generate(prompt, steps)
-        hf_runs.append(time.perf_counter() - t0)
-    theirs = min(hf_runs) / steps
-
-    cfg = loaded.config
-    # weights read per token: everything but the input embedding (one row is gathered), plus the
-    # output head (the embedding itself when tied)
-    model = loaded_torch_linear.model    # unpacked: its parameters are the weights read
-    weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed."))
-    if model.tied:
-        weights += model.embed.weight.nbytes
-    context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
-    kv = context * cfg.kv_bytes_per_token * model.embed.weight.element_size()
-    floor = (weights + kv) / bandwidth
-    return {"ours_s": ours, "ours_torch_linear_s": ours_torch_linear, "ours_drafts_s": ours_drafts,
-            "drafted": drafted.drafted_tokens, "accepted": drafted.accepted_tokens, "transformers_s": theirs,
-            "floor_s": floor, "weight_bytes": weights, "kv_bytes": kv}
+        scratch_out.append(hf_generate(hf, p, NEW_TOKENS))
+        scratch.append(time.perf_counter() - t0)
+    return {
+        "ours_s": ours["median_s"], "no_drafts_s": plain["median_s"], "cropped_s": statistics.median(cropped),
+        "scratch_s": statistics.median(scratch), "keystrokes": keystrokes,
+        "scratch_keystrokes": len(scratch), "reused_median": ours["reused_median"],
+        "drafted": ours["drafted"], "accepted": ours["accepted"],
+        "same_tokens": ours["out"] == cropped_out == plain["out"] and ours["out"][:len(scratch_out)] == scratch_out,
+    }
 
 
-def sliding_window_memory(out: Path, device: torch.device, dtype: torch.dtype) -> dict:
+def typing_the_suggestion(path: Path, hf, vocab: int, keystrokes: int) -> dict:
+    """Each keystroke appends the first token of the completion just shown (the user types what
+    was suggested): the rest of the previous completion is the engine's draft."""
+    auto = Config("float32", "auto")
+    base = random_ids(PROMPT_TOKENS, vocab, seed=4)
+    with open_engine(path, auto, draft_tokens=0) as engine:   # the prompts, fixed in advance
+        prompts, seq = [], base
+        for _ in range(keystrokes + 1):
+            seq = seq + engine.generate(seq, max_new_tokens=1).token_ids
+            prompts.append(seq)
+    with open_engine(path, auto) as engine:
+        ours = run_engine(engine, base, prompts[1:])
+    cropped, cropped_out = run_cropped(hf, base, prompts[1:])
+    return {"ours_s": ours["median_s"], "cropped_s": statistics.median(cropped),
+            "keystrokes": keystrokes, "drafted": ours["drafted"], "accepted": ours["accepted"],
+            "same_tokens": ours["out"] == cropped_out}
+
+
+def configurations(int8: bool) -> list[Config]:
+    from stablelm_lsp.inference.linear import candidates
+
+    cpu = torch.device("cpu")
+    configs = [Config("float32", "auto")] + [Config("float32", i.name)
+                                             for i in candidates(cpu, torch.float32, False).impls]
+    if int8:
+        configs += [Config("int8", "auto")] + [Config("int8", i.name)
+                                               for i in candidates(cpu, torch.float32, True).impls]
+    return configs
+
+
+class EngineRunner:
+    """One configuration of this engine: a decode engine (no drafts) and a replay engine
+    (drafts on), both on one loaded model."""
+
+    def __init__(self, path: Path, config: Config):
+        from stablelm_lsp.models import load_model
+
+        self.name = config.name
+        loaded = load_model(path, device="cpu", dtype=config.dtype)
+        self.decode_engine = open_engine(path, config, loaded, draft_tokens=0)
+        self.replay_engine = open_engine(path, config, loaded)
+        self.plan = self.replay_engine.kernels
+
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self.decode_engine.generate(decode_prompt, max_new_tokens=1)
+        self.replay_engine.generate(base, max_new_tokens=NEW_TOKENS, key="doc")
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        # everything but the last prompt token comes from the cache: DECODE_STEPS + 1 passes of
+        # one token each; a new key each run (no previous completion to draft from)
+        r = self.decode_engine.generate(self.decode_prompt, max_new_tokens=DECODE_STEPS + 1, key=f"run{run}")
+        return r.elapsed_s, r.token_ids
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self.replay_engine.generate(prompt, max_new_tokens=NEW_TOKENS, key="doc").token_ids
+
+    def close(self) -> None:
+        self.decode_engine.close()
+        self.replay_engine.close()
+
+
+class TransformersRunner:
+    name = "transformers"
+
+    def __init__(self, hf):
+        self.decode_cont, self.replay_cont = HFContinuation(hf), HFContinuation(hf)
+
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self.decode_cont.generate(decode_prompt, 1)
+        self.replay_cont.generate(base, NEW_TOKENS)
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        out = self.decode_cont.generate(self.decode_prompt, DECODE_STEPS + 1)
+        return time.perf_counter() - t0, out
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self.replay_cont.generate(prompt, NEW_TOKENS)
+
+    def close(self) -> None:
+        pass
+
+
+def compare(path: Path, hf, vocab: int, keystrokes: int, int8: bool, llama: dict) -> dict:
+    """Decode and keystroke replay for every configuration, transformers and llama.cpp, in
+    rounds: each decode run and each keystroke goes through every runner in turn, so load from
+    other processes falls on all of them alike; the best of three decode runs, the median
+    keystroke."""
+    decode_prompt = random_ids(PROMPT_TOKENS, vocab, seed=2)
+    base, prompts = keystroke_prompts(vocab, keystrokes)
+    runners = [EngineRunner(path, config) for config in configurations(int8)]
+    runners.append(TransformersRunner(hf))
+    runners += [LlamaRunner(name, gguf) for name, gguf in llama.get("files", {}).items()]
+    try:
+        for runner in runners:
+            runner.prepare(decode_prompt, base)
+        decode = {r.name: float("inf") for r in runners}
+        tokens, replay = {}, {r.name: [] for r in runners}
+        keystroke_out = {r.name: [] for r in runners}
+        for run in range(3):
+            for runner in runners:
+                seconds, tokens[runner.name] = runner.decode(run)
+                decode[runner.name] = min(decode[runner.name], seconds / (DECODE_STEPS + 1))
+        for prompt in prompts:
+            for runner in runners:
+                t0 = time.perf_counter()
+                keystroke_out[runner.name].append(runner.keystroke(prompt))
+                replay[runner.name].append(time.perf_counter() - t0)
+        plans = {r.name.split()[0]: r.plan for r in runners
+                 if isinstance(r, EngineRunner) and r.name.endswith(" auto")}
+    finally:
+        for runner in runners:
+            runner.close()
+    rows = {name: {"decode_s": decode[name], "keystroke_s": statistics.median(replay[name]),
+                   "keystroke_out": keystroke_out[name]} for name in decode}
+    return {"rows": rows, "plans": plans, "tokens": tokens}
+
+
+# -- llama.cpp (llama-cpp-python) ------------------------------------------------------------
+
+def llama_available() -> str | None:
+    """Why llama.cpp cannot be a peer here (None: it can)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama_cpp is not importable ({exc}); pip install llama-cpp-python"
+    return None
+
+
+def llama_converter(sdist: Path | None, cache: Path) -> Path:
+    """vendor/llama.cpp of llama-cpp-python's source distribution (the installed version),
+    unpacked into `cache`; from `sdist` (a .tar.gz or an unpacked folder) or pip download."""
+    import llama_cpp
+
+    version = llama_cpp.__version__
+    if sdist is None:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                        ":all:", f"llama-cpp-python=={version}", "-d", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sdist = next(cache.glob("llama_cpp_python-*.tar.gz"))
+    if sdist.is_dir():
+        root = sdist
+    else:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+        root = next(p for p in cache.iterdir() if p.is_dir() and p.name.startswith("llama_cpp_python-"))
+    llama = root / "vendor" / "llama.cpp"
+    if not (llama / "convert_hf_to_gguf.py").exists():
+        raise FileNotFoundError(f"{llama}/convert_hf_to_gguf.py not found")
+    return llama
+
+
+# convert_hf_to_gguf.py refuses BPE tokenizers whose pre-tokenizer it has not seen; the checkpoint
+# here has a byte-level (gpt-2 style) BPE tokenizer trained for the tests, and llama.cpp is fed
+# token ids, not text: an unrecognised pre-tokenizer is taken as gpt-2's.
+_CONVERT = r"""
+import runpy, sys
+from pathlib import Path
+llama = Path(sys.argv[1])
+sys.path[:0] = [str(llama), str(llama / "gguf-py")]
+import conversion.base as base
+recognised = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return recognised(self, tokenizer)
+    except NotImplementedError:
+        return "gpt-2"
+base.TextModel.get_vocab_base_pre = pre
+sys.argv = [str(llama / "convert_hf_to_gguf.py"), *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def convert_to_gguf(llama: Path, checkpoint: Path, out: Path, outtype: str) -> Path:
+    target = out / f"{checkpoint.name}-{outtype}.gguf"
+    subprocess.run([sys.executable, "-c", _CONVERT, str(llama), str(checkpoint), "--outfile",
+                    str(target), "--outtype", outtype], check=True, capture_output=True)
+    return target
+
+
+class LlamaRunner:
+    """llama.cpp through llama-cpp-python on a GGUF of the same weights; its own prefix reuse
+    (the longest common prefix with what its context holds), greedy sampling."""
+
+    def __init__(self, name: str, gguf: Path):
+        from llama_cpp import Llama
+
+        self.name = name
+        threads = torch.get_num_threads()
+
+        def open_llama():
+            return Llama(model_path=str(gguf), n_ctx=2048, n_batch=256, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+        self.decode_llm, self.replay_llm = open_llama(), open_llama()
+
+    @staticmethod
+    def _generate(llm, prompt: list[int], n: int) -> list[int]:
+        return list(itertools.islice(llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0,
+                                                  repeat_penalty=1.0), n))
+
+    def prepare(self, decode_prompt: list[int], base: list[int]) -> None:
+        self.decode_prompt = decode_prompt
+        self._generate(self.decode_llm, decode_prompt, 1)
+        self._generate(self.replay_llm, base, NEW_TOKENS)
+
+    def decode(self, run: int) -> tuple[float, list[int]]:
+        # keep the prompt but its last token cached, drop what was generated
+        self.decode_llm.n_tokens = len(self.decode_prompt) - 1
+        t0 = time.perf_counter()
+        out = self._generate(self.decode_llm, self.decode_prompt, DECODE_STEPS + 1)
+        return time.perf_counter() - t0, out
+
+    def keystroke(self, prompt: list[int]) -> list[int]:
+        return self._generate(self.replay_llm, prompt, NEW_TOKENS)
+
+    def close(self) -> None:
+        self.decode_llm.close()
+        self.replay_llm.close()
+
+
+# -- memory: the sliding window --------------------------------------------------------------
+
+def sliding_window_memory(out: Path) -> dict:
     import transformers
 
+    from stablelm_lsp.inference.engine import Engine
     from stablelm_lsp.models import load_model
 
     sys.path.insert(0, str(ROOT / "tests"))
     from checkpoints import build_tiny_checkpoint
 
     path = build_tiny_checkpoint("starcoder2", out, **STARCODER2_SIZES)
-    loaded = load_model(path, device=device, dtype=dtype)
+    loaded = load_model(path, device="cpu", dtype="float32")
     prompt = random_ids(LONG_PROMPT, loaded.config.vocab_size, seed=3)
-    with token_engine(loaded) as engine:
+    with Engine(dataclasses.replace(loaded, tokenizer=None)) as engine:
         result = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
         held = engine.prefix_cache.nbytes
         ring = engine.prefix_cache.ring_capacity
-    per_token = loaded.config.kv_bytes_per_token * loaded.model.embed.weight.element_size()
-    hf = load_transformers(path, device, dtype)
+    per_token = loaded.config.kv_bytes_per_token * 4
+    hf = load_transformers(path)
     cache = transformers.DynamicCache(config=hf.config)
     hf_tokens = hf_generate(hf, prompt, NEW_TOKENS, cache)
     hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
@@ -286,53 +468,117 @@ def sliding_window_memory(out: Path, device: torch.device, dtype: torch.dtype) -
             "same_tokens": result.token_ids == hf_tokens}
 
 
+def decode_floor(path: Path, bandwidth: float) -> dict:
+    """(weight bytes read per token + KV bytes read) / bandwidth, float32 and int8: the weights
+    but the input embedding (one row is gathered), plus the head (the embedding when tied)."""
+    from stablelm_lsp.models import load_model
+
+    floors = {}
+    for dtype in ("float32", "int8"):
+        model = load_model(path, device="cpu", dtype=dtype).model
+        weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed."))
+        if model.tied:
+            weights += model.embed.weight.nbytes + getattr(model.embed, "scale", torch.empty(0)).nbytes
+        context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
+        kv = context * model.cfg.kv_bytes_per_token * 4
+        floors[dtype] = {"floor_s": (weights + kv) / bandwidth, "weight_bytes": weights, "kv_bytes": kv}
+    return floors
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def describe_plan(label: str, plan) -> list[str]:
+    lines = [f"  {label}: {plan.source}; draft length {plan.draft_tokens}; cost of a pass of m "
+             "positions / one: " + ", ".join(f"{m}: {c:.2f}" for m, c in plan.pass_cost.items())]
+    groups = plan.timings.get("linear", {})
+    for name, table in plan.linear.items():
+        choice = ", ".join(f"{'<= ' + str(b) if b else 'longer'}: {i.name}" for b, i in table)
+        lines.append(f"    {name + ' x' + str(groups.get(name, {}).get('layers', '?')):<24}{choice}")
+    att = ", ".join(f"{'<= ' + str(b) if b else 'longer'}: {n}" for b, n in plan.attention)
+    lines.append(f"    {'attention':<24}{att or 'not measured'}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keystrokes", type=int, default=20)
+    ap.add_argument("--compare-keystrokes", type=int, default=10,
+                    help="keystrokes replayed per configuration in the comparison (3.)")
     ap.add_argument("--scratch-keystrokes", type=int, default=5,
                     help="keystrokes timed for generate-from-scratch (each recomputes 1500 tokens)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
-                    help="how this engine runs single-token steps (inference/captured.py)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 configurations")
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp even when importable")
+    ap.add_argument("--llama-sdist", type=Path, default=None,
+                    help="llama-cpp-python's source distribution (.tar.gz or folder) for "
+                         "convert_hf_to_gguf.py (default: pip download of the installed version)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    ENGINE_DEFAULTS["decode_step"] = args.decode_step
+    threads = torch.get_num_threads()
 
-    from stablelm_lsp.models import load_model
-
-    bandwidth = memory_bandwidth(device)
+    bandwidth = memory_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_stablelm_160m(Path(tmp) / "stablelm-160m")
-        loaded = load_model(path, device=device, dtype=dtype)
-        loaded_torch_linear = load_model(path, device=device, dtype=dtype)
-        hf = load_transformers(path, device, dtype)
-        params = loaded_torch_linear.model.num_parameters()
-        keys = keystroke_replay(loaded, hf, args.keystrokes, args.scratch_keystrokes)
-        typing = typing_the_suggestion(loaded, hf, args.keystrokes)
-        dec = decode_speed(loaded, loaded_torch_linear, hf, bandwidth)
-        del loaded, loaded_torch_linear, hf
-        window = sliding_window_memory(Path(tmp) / "starcoder2-w256", device, dtype)
+        tmp = Path(tmp)
+        path = build_stablelm_160m(tmp / "stablelm-160m")
+        llama: dict = {"skipped": "--no-llama"} if args.no_llama else {}
+        if not args.no_llama:
+            why = llama_available()
+            if why:
+                llama["skipped"] = why
+            else:
+                try:
+                    converter = llama_converter(args.llama_sdist, tmp / "llama-src")
+                    llama["files"] = {f"llama.cpp {t}": convert_to_gguf(converter, path, tmp, t)
+                                      for t in ("f32", "q8_0")}
+                except (OSError, StopIteration, subprocess.CalledProcessError, tarfile.TarError) as exc:
+                    llama["skipped"] = f"no GGUF of the checkpoint ({type(exc).__name__}: {exc})"
+        hf = load_transformers(path)
+        vocab = hf.config.vocab_size
+        params = sum(p.numel() for p in hf.parameters())
+        keys = keystroke_replay(path, hf, vocab, args.keystrokes, args.scratch_keystrokes)
+        typing = typing_the_suggestion(path, hf, vocab, args.keystrokes)
+        comparison = compare(path, hf, vocab, args.compare_keystrokes, not args.no_int8, llama)
+        floors = decode_floor(path, bandwidth)
+        del hf
+        window = sliding_window_memory(tmp / "starcoder2-w256")
+
+    rows, plans, tokens = comparison["rows"], comparison["plans"], comparison["tokens"]
+    ms, mib = 1e3, 1 << 20
+
+    def best_forced(dtype: str, what: str) -> tuple[str, float]:
+        forced = {n: r[what] for n, r in rows.items() if n.startswith(dtype + " ") and not n.endswith(" auto")}
+        name = min(forced, key=forced.get)
+        return name, forced[name]
 
     ratios = {
         "keystroke_vs_cropped": keys["ours_s"] / keys["cropped_s"],
         "keystroke_vs_scratch": keys["ours_s"] / keys["scratch_s"],
         "keystroke_no_drafts_vs_cropped": keys["no_drafts_s"] / keys["cropped_s"],
         "typing_suggestion_vs_cropped": typing["ours_s"] / typing["cropped_s"],
-        "decode_torch_linear_vs_transformers": dec["ours_torch_linear_s"] / dec["transformers_s"],
-        "decode_drafts_vs_transformers": dec["ours_drafts_s"] / dec["transformers_s"],
-        "decode_vs_transformers": dec["ours_s"] / dec["transformers_s"],
-        "decode_floor_fraction": dec["floor_s"] / dec["ours_s"],
-        "transformers_decode_floor_fraction": dec["floor_s"] / dec["transformers_s"],
+        "decode_vs_transformers": rows["float32 auto"]["decode_s"] / rows["transformers"]["decode_s"],
+        "decode_floor_fraction": floors["float32"]["floor_s"] / rows["float32 auto"]["decode_s"],
+        "transformers_decode_floor_fraction": floors["float32"]["floor_s"] / rows["transformers"]["decode_s"],
         "window_kv_vs_linear": window["held_bytes"] / window["linear_bytes"],
     }
-    ms, mib = 1e3, 1 << 20
-    print(f"{device_name(device)} ({device}), {args.dtype}, {torch.get_num_threads()} threads, decode step "
-          f"{args.decode_step}; {params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s")
+    for dtype in ("float32",) + (() if args.no_int8 else ("int8",)):
+        for what in ("decode_s", "keystroke_s"):
+            _, best = best_forced(dtype, what)
+            ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}"] = rows[f"{dtype} auto"][what] / best
+    if not args.no_int8:
+        ratios["int8_decode_vs_float32"] = rows["int8 auto"]["decode_s"] / rows["float32 auto"]["decode_s"]
+        ratios["int8_decode_floor_fraction"] = floors["int8"]["floor_s"] / rows["int8 auto"]["decode_s"]
+    for peer, ours in (("llama.cpp f32", "float32 auto"), ("llama.cpp q8_0", "int8 auto")):
+        if peer in rows and ours in rows:
+            for what in ("decode_s", "keystroke_s"):
+                ratios[f"{ours.replace(' ', '_')}_vs_{peer.replace(' ', '_')}_{what[:-2]}"] = \
+                    rows[ours][what] / rows[peer][what]
+
+    print(f"CPU: {cpu_model()}; {threads} thread{'s' if threads > 1 else ''}; "
+          f"{params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("\nkernels chosen on this machine (inference/tuning.py)")
+    for dtype, plan in plans.items():
+        print("\n".join(describe_plan(dtype, plan)))
     print(f"\nkeystroke replay: {PROMPT_TOKENS}-token prompt, +1 token per keystroke, {NEW_TOKENS} "
           f"greedy tokens (median of {keys['keystrokes']}; from scratch: of {keys['scratch_keystrokes']})")
     print(f"  {'this engine':<42}{keys['ours_s'] * ms:>9.0f} ms   (reused {keys['reused_median']:.0f} "
@@ -351,18 +597,32 @@ def main() -> None:
     print(f"  {'transformers, DynamicCache cropped':<42}{typing['cropped_s'] * ms:>9.0f} ms   "
           f"ratio {ratios['typing_suggestion_vs_cropped']:.2f}")
     print(f"  same tokens: {typing['same_tokens']}")
-    print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context")
-    print(f"  {'this engine (one pass per token)':<42}{dec['ours_s'] * ms:>9.1f} ms   "
-          f"{ratios['decode_floor_fraction']:.0%} of the bandwidth floor")
-    print(f"  {'this engine, drafts from its own sequence':<42}{dec['ours_drafts_s'] * ms:>9.1f} ms   ratio "
-          f"{ratios['decode_drafts_vs_transformers']:.2f} ({dec['accepted']} of {dec['drafted']} draft "
-          f"tokens taken)")
-    print(f"  {'this engine, torch kernels (F.linear, SDPA)':<42}{dec['ours_torch_linear_s'] * ms:>9.1f} ms   ratio "
-          f"{ratios['decode_torch_linear_vs_transformers']:.2f}")
-    print(f"  {'transformers':<42}{dec['transformers_s'] * ms:>9.1f} ms   ratio "
-          f"{ratios['decode_vs_transformers']:.2f} (target <= 0.5)")
-    print(f"  {'floor: (weights + KV read) / bandwidth':<42}{dec['floor_s'] * ms:>9.1f} ms   "
-          f"({dec['weight_bytes'] / mib:.0f} MiB weights + {dec['kv_bytes'] / mib:.0f} MiB KV)")
+    print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context (one pass per token) and keystroke "
+          f"replay (median of {args.compare_keystrokes}, drafts on), per configuration")
+    print(f"  {'':<28}{'decode ms':>10}{'keystroke ms':>14}   same tokens as float32 auto (decode)")
+    want = tokens["float32 auto"]
+    for name, r in rows.items():
+        print(f"  {name:<28}{r['decode_s'] * ms:>10.1f}{r['keystroke_s'] * ms:>14.0f}   "
+              f"{sum(a == b for a, b in zip(tokens[name], want))}/{len(want)}")
+    for dtype in ("float32",) + (() if args.no_int8 else ("int8",)):
+        for what in ("decode", "keystroke"):
+            name, _ = best_forced(dtype, what + "_s")
+            print(f"  {dtype} auto / best forced ({name}), {what}: "
+                  f"{ratios[f'{dtype}_auto_vs_best_forced_{what}']:.3f} (target <= 1.05)")
+    print(f"  float32 auto / transformers, decode: {ratios['decode_vs_transformers']:.2f} (target <= 0.5); "
+          f"{ratios['decode_floor_fraction']:.0%} of the bandwidth floor "
+          f"({floors['float32']['floor_s'] * ms:.1f} ms: {floors['float32']['weight_bytes'] / mib:.0f} MiB "
+          f"weights + {floors['float32']['kv_bytes'] / mib:.0f} MiB KV; transformers "
+          f"{ratios['transformers_decode_floor_fraction']:.0%})")
+    if not args.no_int8:
+        print(f"  int8 auto / float32 auto, decode: {ratios['int8_decode_vs_float32']:.2f} (target <= 0.4); "
+              f"{ratios['int8_decode_floor_fraction']:.0%} of its floor "
+              f"({floors['int8']['floor_s'] * ms:.1f} ms: {floors['int8']['weight_bytes'] / mib:.0f} MiB weights)")
+    for key, value in ratios.items():
+        if "llama.cpp" in key:
+            print(f"  {key.replace('_', ' ')}: {value:.2f} (target <= 1.0)")
+    if "skipped" in llama:
+        print(f"  llama.cpp: not measured ({llama['skipped']})")
     print(f"\nStarCoder2-style, window {WINDOW}, {LONG_PROMPT}-token prompt: KV bytes held")
     print(f"  {'this engine (ring of ' + str(window['ring_positions']) + ' positions)':<42}"
           f"{window['held_bytes'] / mib:>9.2f} MiB")
@@ -371,19 +631,22 @@ def main() -> None:
     print(f"  {'transformers DynamicCache':<42}{window['transformers_bytes'] / mib:>9.2f} MiB")
     print(f"  same tokens as transformers: {window['same_tokens']}")
     print(json.dumps({
-        "bench": "engine", "device": device_name(device), "dtype": args.dtype,
-        "decode_step": args.decode_step, "threads": torch.get_num_threads(), "bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "bench": "engine", "cpu": cpu_model(), "threads": threads, "bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "kernels": {dtype: plan.describe() | {"microseconds": None} for dtype, plan in plans.items()},
         "keystroke_ms": {k: round(keys[k + "_s"] * ms, 1) for k in ("ours", "no_drafts", "cropped", "scratch")},
         "typing_suggestion_ms": {k: round(typing[k + "_s"] * ms, 1) for k in ("ours", "cropped")},
         "drafts": {"keystroke": [keys["accepted"], keys["drafted"]],
                    "typing_suggestion": [typing["accepted"], typing["drafted"]]},
-        "decode_ms": {k: round(dec[k + "_s"] * ms, 2)
-                      for k in ("ours", "ours_drafts", "ours_torch_linear", "transformers", "floor")},
+        "configurations_ms": {n: {"decode": round(r["decode_s"] * ms, 2), "keystroke": round(r["keystroke_s"] * ms, 1)}
+                              for n, r in rows.items()},
+        "floor_ms": {d: round(f["floor_s"] * ms, 2) for d, f in floors.items()},
         "window_kv_bytes": {k: window[k] for k in ("held_bytes", "window_bytes", "linear_bytes",
                                                     "transformers_bytes")},
         "same_tokens": keys["same_tokens"] and typing["same_tokens"] and window["same_tokens"],
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "targets": {"keystroke_vs_cropped": 0.4, "keystroke_vs_scratch": 0.1, "decode_vs_transformers": 0.5},
+        "targets": {"keystroke_vs_cropped": 0.4, "keystroke_vs_scratch": 0.1, "decode_vs_transformers": 0.5,
+                    "auto_vs_best_forced": 1.05, "int8_decode_vs_float32": 0.4, "vs_llama.cpp": 1.0},
+        "llama_cpp": llama.get("skipped", "measured"),
     }))
 
 

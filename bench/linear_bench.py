@@ -1,10 +1,13 @@
-"""Benchmark (not a test): the CPU linear kernels (inference/linear.py) on decode-sized passes.
+"""Benchmark (not a test): every linear-layer implementation (inference/linear.py) on decode-sized
+passes, float32 and int8 weights.
 
-For passes of M positions through a stack of distinct float32 layers too large for the caches
-(as a decode step meets them), the time per layer of torch's F.linear, of oneDNN on packed
-weights and of the "rows" layers (the project's own kernel up to 16 positions, oneDNN on the
-plain weights beyond), with the weight bytes read per second; and the machine's plain read
-bandwidth (a large tensor sum) as the ceiling. Everything is measured in the same run.
+For passes of M positions through a stack of distinct layers too large for the caches (as a
+decode step meets them), the time per layer of each implementation that runs here: for float32
+weights the own kernel ("rows"), F.linear ("torch"), oneDNN on the plain weights and on packed
+ones; for int8 weights (per-row scales) the own int8 kernel, torch's `_weight_int8pack_mm` and
+"widen" (dequantize per pass, then F.linear); with the weight bytes read per second, and the
+machine's plain read bandwidth (a large tensor sum) as the ceiling. Everything in one run; the
+CPU model is printed first.
 
     python bench/linear_bench.py [--threads N] [--out 2048] [--in 768] [--layers 100]
 """
@@ -12,10 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 
 import torch
-import torch.nn.functional as F
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _per_call(fn, calls: int, repeats: int = 3) -> float:
@@ -39,40 +52,50 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from stablelm_lsp.inference.cpu_kernels import load_rows_linear
-    from stablelm_lsp.inference.linear import ROWS_MAX_M, PackedLinear, RowsLinear, onednn_problems
+    from stablelm_lsp.inference.linear import KernelLinear, candidates, forced_table
+    from stablelm_lsp.models.quantize import quantize_rows
 
+    cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(args.out, args.in_, generator=g) for _ in range(args.layers)]
-    nbytes = weights[0].nbytes
+    floats = [torch.randn(args.out, args.in_, generator=g) for _ in range(args.layers)]
+    int8s = []
+    for w in floats:
+        q, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(w.shape[0])
+        quantize_rows(w, q, scale)
+        int8s.append((q, scale))
     big = torch.ones(1 << 28)
     read = big.nbytes / _per_call(lambda: big.sum(), 1)
     del big
-    kernels = {"F.linear": [lambda x, w=w: F.linear(x, w) for w in weights]}
-    onednn = not onednn_problems(torch.device("cpu"), torch.float32)
-    if onednn:
-        kernels["oneDNN packed"] = [PackedLinear(w, None) for w in weights]
-    own = load_rows_linear()
-    if isinstance(own, str):
-        print(f"own kernel unavailable: {own}")
-    else:
-        # as the engine installs it: the own kernel up to ROWS_MAX_M positions, then oneDNN on
-        # the plain weight (or F.linear without oneDNN)
-        kernels["rows (as installed)"] = [RowsLinear(w, None, own, ROWS_MAX_M, onednn) for w in weights]
 
-    print(f"{args.layers} layers of {args.out}x{args.in_} float32 ({nbytes / 2**20:.1f} MiB each), "
-          f"{torch.get_num_threads()} threads; read bandwidth (sum) {read / 1e9:.1f} GB/s")
-    names = list(kernels)
-    print(f"{'positions':>9}  " + "  ".join(f"{n:>22}" for n in names))
+    stacks = {}     # "float32 rows" -> (layers, weight bytes per layer)
+    for int8 in (False, True):
+        found = candidates(cpu, torch.float32, int8)
+        for impl in found.impls:
+            layers = [KernelLinear(q, None, s) for q, s in int8s] if int8 else \
+                [KernelLinear(w, None) for w in floats]
+            for layer in layers:
+                layer.table = forced_table(impl, found.fallback)
+                if impl.packed:
+                    layer.pack()
+            stacks[f"{'int8' if int8 else 'float32'} {impl.name}"] = (
+                layers, args.out * args.in_ * (1 if int8 else 4), impl.max_m)
+
+    print(f"CPU: {cpu_model()}; {torch.get_num_threads()} threads; read bandwidth (sum) "
+          f"{read / 1e9:.1f} GB/s")
+    print(f"{args.layers} layers of {args.out}x{args.in_}; microseconds per layer (GB/s of weights read)")
+    names = list(stacks)
+    print(f"{'positions':>9}  " + "  ".join(f"{n:>20}" for n in names))
     rows = []
     with torch.inference_mode():
         for m in (int(v) for v in args.positions.split(",")):
             x = torch.randn(1, m, args.in_, generator=g)
-            times = {n: _per_call(lambda fs=fs: [f(x) for f in fs], len(fs)) for n, fs in kernels.items()}
-            print(f"{m:>9}  " + "  ".join(f"{times[n] * 1e6:>9.1f} us {nbytes / times[n] / 1e9:>5.1f} GB/s"
-                                          for n in names))
+            times = {n: _per_call(lambda ls=layers: [f(x) for f in ls], len(layers))
+                     for n, (layers, _, max_m) in stacks.items() if max_m is None or m <= max_m}
+            print(f"{m:>9}  " + "  ".join(
+                f"{times[n] * 1e6:>9.1f} ({stacks[n][1] / times[n] / 1e9:>5.1f})" + " " * 3 if n in times
+                else f"{'-':>20}" for n in names))
             rows.append({"positions": m, **{n: round(t * 1e6, 1) for n, t in times.items()}})
-    print(json.dumps({"bench": "linear", "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "linear", "cpu": cpu_model(), "threads": torch.get_num_threads(),
                       "read_gbps": round(read / 1e9, 2), "us_per_layer": rows}))
 
 

@@ -2,12 +2,18 @@
 
 Builds a random StableLM-style checkpoint of about 160M parameters (hidden 768, 12 layers, 12
 heads, intermediate 2048, vocab 50304) in float32 with transformers' save_pretrained, then loads
-it in fresh processes, once with this project's loader and once with transformers'
-from_pretrained as the baseline measured in the same run. Peak resident memory is measured above
-the process's own baseline after imports (VmHWM reset through /proc/self/clear_refs).
-Target: our peak <= 1.3x the checkpoint's bytes.
+it in fresh processes: with this project's loader in float32 and as int8 (quantized tensor by
+tensor while loading), and with transformers' from_pretrained as the baseline measured in the
+same run. Peak resident memory is measured above the process's own baseline after imports
+(VmHWM reset through /proc/self/clear_refs). Targets: float32 peak <= 1.3x the checkpoint's
+bytes; int8 peak <= 0.45x.
 
-    python bench/load_bench.py [--out DIR] [--keep]
+Then, per linear kernel choice (auto and each one forced, float32 and int8), an engine is set up
+on the loaded model (its kernels measured once beforehand, so the measurement is reused; torch's
+one-time set-up paid on the small built-in model first): the resident memory after set-up,
+above the baseline, against the weights' bytes, target <= 1.1x (no choice holds a second copy).
+
+    python bench/load_bench.py [--out DIR] [--repeat 2]
 """
 from __future__ import annotations
 
@@ -29,9 +35,9 @@ def status(key):
             return int(line.split()[1]) * 1024
 import torch
 which, path = sys.argv[1], sys.argv[2]
-if which == "ours":
+if which in ("ours", "ours-int8"):
     from stablelm_lsp.models import load_model
-    load = lambda: load_model(path, device="cpu", dtype="float32")
+    load = lambda: load_model(path, device="cpu", dtype="int8" if which == "ours-int8" else "float32")
 else:
     import transformers
     load = lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -44,10 +50,38 @@ seconds = time.perf_counter() - t0
 peak = status("VmHWM:") - base
 ids = torch.ones(1, 8, dtype=torch.long)
 with torch.no_grad():  # touch every weight: memory-mapped loaders only pay for pages when read
-    (model.model if which == "ours" else model)(ids)
+    (model if which == "transformers" else model.model)(ids)
 print(json.dumps({"seconds": seconds, "peak_above_base": peak,
                   "after_forward": status("VmRSS:") - base}))
 """
+
+
+_ENGINE = r"""
+import json, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+import torch
+from stablelm_lsp.inference.engine import Engine
+from stablelm_lsp.models import builtin_model_path, load_model
+path, dtype, linear = sys.argv[1:4]
+# torch's and oneDNN's one-time set-up (thread pools, kernels) is paid on the small built-in model
+Engine(load_model(builtin_model_path(), device="cpu", dtype=dtype), linear=linear).close()
+base = status("VmRSS:")
+loaded = load_model(path, device="cpu", dtype=dtype)
+weights = sum(p.nbytes for p in loaded.model.parameters())
+engine = Engine(loaded, linear=linear)
+print(json.dumps({"weights": weights, "after_setup": status("VmRSS:") - base,
+                  "source": engine.kernels.source}))
+"""
+
+
+def engine_memory(path: Path, dtype: str, linear: str) -> dict:
+    run = lambda: subprocess.run([sys.executable, "-c", _ENGINE, str(path), dtype, linear],  # noqa: E731
+                                 check=True, capture_output=True, text=True)
+    run()       # the kernels measured once (kept on disk): the second set-up reuses them
+    return json.loads(run().stdout.strip().splitlines()[-1])
 
 
 def build(out: Path) -> Path:
@@ -81,19 +115,36 @@ def main() -> None:
         path = build(args.out or Path(tmp) / "stablelm-160m")
         ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         rows = {}
-        for which in ("ours", "transformers"):
+        for which in ("ours", "ours-int8", "transformers"):
             runs = [measure(which, path) for _ in range(args.repeat)]
             rows[which] = min(runs, key=lambda r: r["seconds"]) | {
                 "peak_above_base": min(r["peak_above_base"] for r in runs),
                 "after_forward": min(r["after_forward"] for r in runs)}
+        from stablelm_lsp.inference.linear import candidates
+
+        import torch
+
+        engines = {}
+        for dtype in ("float32", "int8"):
+            for linear in ["auto"] + [i.name for i in candidates(torch.device("cpu"), torch.float32,
+                                                                   dtype == "int8").impls]:
+                engines[f"{dtype} {linear}"] = engine_memory(path, dtype, linear)
     mib = 1024 * 1024
     print(f"checkpoint: {ckpt_bytes / mib:.0f} MiB ({ckpt_bytes / 4 / 1e6:.0f}M float32 parameters)")
     print(f"{'loader':<14}{'seconds':>9}{'peak MiB':>10}{'peak/ckpt':>11}{'after 1 forward/ckpt':>22}")
     for which, r in rows.items():
         print(f"{which:<14}{r['seconds']:>9.2f}{r['peak_above_base'] / mib:>10.0f}"
               f"{r['peak_above_base'] / ckpt_bytes:>11.2f}{r['after_forward'] / ckpt_bytes:>22.2f}")
+    print(f"\nresident after an engine's set-up (model loaded, kernels installed) / the weights' bytes")
+    for name, r in engines.items():
+        print(f"  {name:<24}{r['after_setup'] / r['weights']:>6.2f}   ({r['weights'] / mib:.0f} MiB weights)")
     print(json.dumps({
         "bench": "load", "checkpoint_bytes": ckpt_bytes,
+        "ours_int8_seconds": round(rows["ours-int8"]["seconds"], 3),
+        "ours_int8_peak_ratio": round(rows["ours-int8"]["peak_above_base"] / ckpt_bytes, 3),
+        "engine_after_setup_vs_weights": {n: round(r["after_setup"] / r["weights"], 3)
+                                          for n, r in engines.items()},
+        "target_int8_peak_ratio": 0.45, "target_after_setup_vs_weights": 1.1,
         "ours_seconds": round(rows["ours"]["seconds"], 3),
         "ours_peak_ratio": round(rows["ours"]["peak_above_base"] / ckpt_bytes, 3),
         "transformers_seconds": round(rows["transformers"]["seconds"], 3),

@@ -15,9 +15,15 @@ inside a line; p50 with the cache <= 0.2x p50 without. Debounce is 0: the model'
 not the server's waiting. Answers served by type-through (no model run) are counted, not timed
 in the reuse share.
 
-Prints a table and one JSON line.
+The baseline of issue 14: transformers doing the same work, in the same process as this script:
+for each keystroke of the run with the cache, a DynamicCache cropped to as many tokens as the
+server reused, the rest of the prompt computed and as many tokens generated greedily as the
+server generated (none where the server ran no model); p50 with the cache <= 0.4x its p50.
+
+Prints the CPU model, a table and one JSON line.
 
     python bench/lsp_bench.py [--file PATH] [--line N] [--lines 2] [--off-keystrokes 6]
+        [--dtype float32|int8] [--linear auto|...]
 """
 from __future__ import annotations
 
@@ -33,7 +39,9 @@ from pathlib import Path
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from load_bench import build as build_stablelm_160m  # bench/ is on sys.path when run as a script
+from engine_bench import HFContinuation, load_transformers, random_ids  # bench/ is on sys.path
+from linear_bench import cpu_model
+from load_bench import build as build_stablelm_160m
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +103,8 @@ async def replay(model: Path, source: str, first_line: int, count: int, keystrok
             last_run = run["run"]
             records.append({"seconds": elapsed, "newline": char == "\n", "model": ran_model,
                             "prompt": run["promptTokens"] if ran_model else None,
-                            "reused": run["reusedTokens"] if ran_model else None})
+                            "reused": run["reusedTokens"] if ran_model else None,
+                            "generated": run["generatedTokens"] if ran_model else None})
         return {"records": records}
     finally:
         await client.shutdown_async(None)
@@ -112,6 +121,32 @@ async def _inline(client: LanguageClient, uri: str, line: int, character: int):
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic),
         text_document=types.TextDocumentIdentifier(uri=uri),
         position=types.Position(line=line, character=character)))
+
+
+def transformers_same_work(model: Path, records: list[dict]) -> list[float]:
+    """Seconds transformers takes for each keystroke's work (0 where the server ran no model): a
+    DynamicCache cropped to the tokens the server reused, the rest of the prompt (random tokens:
+    the counts are what matter) computed, as many tokens generated as the server generated."""
+    import torch
+
+    hf = load_transformers(model)
+    cont = HFContinuation(hf)
+    vocab = hf.config.vocab_size
+    first = next((r for r in records if r["model"]), None)
+    if first is not None:       # the state before typing: a prompt as long as the first one
+        cont.generate(random_ids(first["prompt"], vocab, seed=0), 1)
+    times = []
+    for i, r in enumerate(records):
+        if not r["model"] or not r["generated"]:
+            times.append(0.0)
+            continue
+        kept = cont.held[:min(r["reused"], len(cont.held), r["prompt"] - 1)]
+        prompt = kept + random_ids(r["prompt"] - len(kept), vocab, seed=i + 1)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            cont.generate(prompt, r["generated"])
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def summarize(records: list[dict]) -> dict:
@@ -143,6 +178,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--context-tokens", type=int, default=1536)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="the server's --dtype (float32, int8, ...)")
+    ap.add_argument("--linear", default="auto", help="the server's --linear")
     ap.add_argument("--model", type=Path, default=None, help="use this checkpoint instead of building one")
     args = ap.parse_args()
 
@@ -150,11 +187,12 @@ def main() -> None:
     source = path.read_text(encoding="utf-8")
     first_line = args.line if args.line is not None else len(source.split("\n")) // 2
     flags = ["--max-new-tokens", str(args.max_new_tokens), "--context-tokens",
-             str(args.context_tokens), "--device", args.device, "--dtype", "float32"]
+             str(args.context_tokens), "--device", args.device, "--dtype", args.dtype,
+             "--linear", args.linear]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = args.model or build_stablelm_160m(tmp / "stablelm-160m")
-        runs = {}
+        runs, records = {}, {}
         for name, extra, keystrokes in (("cache", [], args.keystrokes),
                                         ("no_cache", ["--no-prefix-cache"], args.off_keystrokes)):
             state = tmp / name
@@ -162,10 +200,18 @@ def main() -> None:
             result = asyncio.run(replay(model, source, first_line, args.lines, keystrokes,
                                         flags + extra, state))
             runs[name] = summarize(result["records"])
+            records[name] = result["records"]
+        hf_times = transformers_same_work(model, records["cache"])
 
     on, off = runs["cache"], runs["no_cache"]
+    hf_p50 = statistics.median(hf_times) * 1000
+    hf_ratio = on["p50_ms"] / hf_p50
+    ran = [r["seconds"] * 1000 for r in records["cache"] if r["model"]]
+    hf_ran = [t * 1000 for r, t in zip(records["cache"], hf_times) if r["model"]]
+    print(f"CPU: {cpu_model()}")
     print(f"typing replay: {path.name} lines {first_line}-{first_line + args.lines - 1}, "
-          f"{args.max_new_tokens} new tokens, context {args.context_tokens} tokens, {args.device}")
+          f"{args.max_new_tokens} new tokens, context {args.context_tokens} tokens, {args.device}, "
+          f"{args.dtype}, linear {args.linear}")
     print(f"{'':>10} {'keys':>5} {'runs':>5} {'p50 ms':>9} {'p95 ms':>9} {'reused in line':>15} "
           f"{'reused all':>11} {'prompt tok':>11}")
     for name, r in runs.items():
@@ -176,8 +222,17 @@ def main() -> None:
     ratio = on["p50_ms"] / off["p50_ms"]
     print(f"p50 with cache / without: {ratio:.3f} (target <= 0.2); reused inside a line: "
           f"{100 * (on['reused_share_inside_line'] or 0):.1f}% (target >= 95%)")
-    print(json.dumps({"bench": "lsp_typing_replay", "file": path.name, "device": args.device,
-                      "p50_ratio_cache_vs_none": round(ratio, 4), **{
+    print(f"transformers doing the same work (cropped DynamicCache): p50 {hf_p50:.1f} ms; with cache "
+          f"/ transformers: {hf_ratio:.3f} (target <= 0.4); keystrokes that ran the model: p50 "
+          f"{statistics.median(ran) if ran else 0:.1f} ms vs {statistics.median(hf_ran) if hf_ran else 0:.1f} ms")
+    print(json.dumps({"bench": "lsp_typing_replay", "cpu": cpu_model(), "file": path.name,
+                      "device": args.device, "dtype": args.dtype, "linear": args.linear,
+                      "p50_ratio_cache_vs_none": round(ratio, 4),
+                      "transformers_p50_ms": round(hf_p50, 2),
+                      "p50_ratio_cache_vs_transformers": round(hf_ratio, 4),
+                      "model_runs_p50_ms": round(statistics.median(ran), 2) if ran else None,
+                      "transformers_model_runs_p50_ms": round(statistics.median(hf_ran), 2) if hf_ran else None,
+                      **{
                           f"{name}_{k}": (round(v, 4) if isinstance(v, float) else v)
                           for name, r in runs.items() for k, v in r.items()}}))
 

@@ -41,7 +41,10 @@ class ModelInfo:
     stop_texts: tuple[str, ...]     # special tokens that end a code completion
     chat_template: str | None = None  # jinja source from tokenizer_config.json
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"          # or "int8": int8 weights (computing in float32 on a CPU)
+    # the kernels chosen for this machine and how (inference/tuning.py Plan.describe); None
+    # where there is no such choice (a remote engine)
+    kernels: dict | None = field(default=None, compare=False)
 
 
 @dataclass

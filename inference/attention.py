@@ -181,24 +181,40 @@ def select_attention(requested: str, device: torch.device, dtype: torch.dtype, c
 
 class CpuDecodeAttention:
     """A Decoder.attention kernel (see models.decoder.sdpa_attention for the contract): the own
-    kernel for steps of up to CPU_MAX_POSITIONS positions of one sequence, SDPA otherwise."""
+    kernel for steps of up to CPU_MAX_POSITIONS positions of one sequence where `own[t]` says so
+    (inference/tuning.py measures it; by default every such step), SDPA otherwise."""
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.own = [False] + [True] * CPU_MAX_POSITIONS     # by step length t
 
     def __call__(self, q, key, value, layer: int, cache, attn):
         if cache is not None:
             key, value = cache.write(layer, key, value, attn)
         batch, heads, t, dim = q.shape
         kv_heads, s = key.shape[1], key.shape[2]
-        if (batch != 1 or t > CPU_MAX_POSITIONS or attn.is_causal or q.dtype != torch.float32
-                or key.stride(3) != 1 or key.stride(2) != dim or value.stride() != key.stride()):
+        if (batch != 1 or t > CPU_MAX_POSITIONS or not self.own[t] or attn.is_causal
+                or q.dtype != torch.float32 or key.stride(3) != 1 or key.stride(2) != dim
+                or value.stride() != key.stride()):
             return attend(q, key, value, attn.mask, attn.is_causal)
+        return self.run_own(q, key, value, attn.mask)
+
+    def run_own(self, q, key, value, mask):
+        """The own kernel: q [1, H, T, D], key/value [1, K, S, D] views of a cache (rows
+        contiguous), mask [T, S] bool or None -> [1, H, T, D]."""
+        heads, t, dim = q.shape[1:]
         q = q.contiguous()
         out = torch.empty_like(q)
-        mask = None if attn.mask is None else attn.mask.contiguous().view(torch.uint8)
-        self.kernel(q, key, value, mask, out, heads, kv_heads, t, s, dim, key.stride(1), dim ** -0.5)
+        mask = None if mask is None else mask.contiguous().view(torch.uint8)
+        self.kernel(q, key, value, mask, out, heads, key.shape[1], t, key.shape[2], dim,
+                    key.stride(1), dim ** -0.5)
         return out
+
+    def set_table(self, table) -> None:
+        """table: ((longest step, "cpu" | "sdpa"), ...), the last one's length None."""
+        for t in range(1, CPU_MAX_POSITIONS + 1):
+            name = next(n for bound, n in table if bound is None or t <= bound)
+            self.own[t] = name == "cpu"
 
 
 def ring_capacity(window: int, step: int, kernel: str) -> int:

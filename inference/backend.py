@@ -45,7 +45,7 @@ class LocalBackend(Backend):
         kv_budget.py).
         attention: auto | sdpa | flash (inference/attention.py). prefix_reuse=False: no KV reuse
         across requests (a measurement baseline). engine_options: the Engine's draft_tokens,
-        linear and decode_step (inference/engine.py)."""
+        linear, decode_step and progress (inference/engine.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self._line_text_ids: dict[bool, torch.Tensor] = {}     # see _nonblank
@@ -57,7 +57,8 @@ class LocalBackend(Backend):
             max_positions=cfg.max_positions, special=tok.special,
             stop_texts=tuple(sorted(t for t in map(tok.id_to_token, tok.stop_ids) if t)),
             chat_template=tok.chat_template, device=str(loaded.device),
-            dtype=str(loaded.dtype).removeprefix("torch."),
+            dtype=loaded.quantization or str(loaded.dtype).removeprefix("torch."),
+            kernels=self.engine.kernels.describe(),
         )
 
     @classmethod
@@ -65,14 +66,23 @@ class LocalBackend(Backend):
              allow_pickle: bool = False, progress: Callable[[float, str], None] | None = None,
              budget_tokens: int | None = None, attention: str = "auto",
              prefix_reuse: bool = True, **engine_options) -> "LocalBackend":
-        """Load a checkpoint folder or Hub id (models.load_model) and start an engine on it."""
+        """Load a checkpoint folder or Hub id (models.load_model) and start an engine on it.
+        progress(fraction, message): loading the weights, then measuring the kernels when this
+        machine has not measured them for this model (the last tenth)."""
         from stablelm_lsp.models import builtin_model_path, load_model
 
+        def part(low: float, high: float):
+            return None if progress is None else \
+                lambda fraction, message: progress(low + (high - low) * fraction, message)
+
         loaded = load_model(path_or_id, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                            progress=progress)
+                            progress=part(0.0, 0.9))
         builtin = Path(loaded.path).resolve() == builtin_model_path().resolve()
-        return cls(loaded, builtin=builtin, budget_tokens=budget_tokens, attention=attention,
-                   prefix_reuse=prefix_reuse, **engine_options)
+        backend = cls(loaded, builtin=builtin, budget_tokens=budget_tokens, attention=attention,
+                      prefix_reuse=prefix_reuse, progress=part(0.9, 1.0), **engine_options)
+        if progress is not None:
+            progress(1.0, f"kernels {backend.engine.kernels.source}")
+        return backend
 
     @property
     def info(self) -> ModelInfo:

@@ -31,7 +31,7 @@ import weakref
 import torch
 
 from .errors import InvalidParameter
-from .linear import PackedLinear, RowsLinear
+from .linear import KernelLinear
 
 MODES = ("off", "static", "compile", "cuda-graph")
 _MAX_GRAPHS = 8         # captured graphs kept (one per KV cache in use); the oldest is dropped
@@ -59,10 +59,10 @@ class DecodeStep:
         problems = decode_step_problems(mode, device)
         if problems:
             raise InvalidParameter("cannot use this decode step: " + "; ".join(problems))
-        if mode == "compile" and any(isinstance(m, (PackedLinear, RowsLinear)) for m in model.modules()):
+        if mode == "compile" and any(isinstance(m, KernelLinear) and not all(i.traced for _, i in m.table)
+                                     for m in model.modules()):
             raise InvalidParameter("cannot compile the decode step of a model whose linear layers "
-                                   "run the packed oneDNN or the own kernel (load it again, or use "
-                                   "linear='torch')")
+                                   "run oneDNN or the own kernels (load it again)")
         self.model, self.mode, self.device = model, mode, torch.device(device)
         self._fn = model.decode_static
         if mode == "compile":

@@ -1,6 +1,7 @@
 """The project's own CPU kernels, built with the machine's C compiler at first use and loaded with
-ctypes: csrc/rows_linear.c (linear layers for a few positions, inference/linear.py) and
-csrc/decode_attention.c (attention of a few positions over the KV cache, inference/attention.py).
+ctypes: csrc/rows_linear.c (linear layers with float32 or int8 weights for a few positions,
+inference/linear.py) and csrc/decode_attention.c (attention of a few positions
+over the KV cache, inference/attention.py).
 
 No build step at install time and no dependency: the sources ship with the package; the first
 engine that wants a kernel compiles it (under a second) with `-O3 -march=native` into the user's
@@ -35,17 +36,18 @@ _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["
 
 
 @dataclass
-class RowsKernel:
+class LinearKernel:
+    """rows_linear (float32 weights) or int8_linear (int8 weights, a float32 scale per row)."""
     fn: ctypes._CFuncPtr
     max_m: int
     path: Path
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
-                 m: int, n: int, k: int) -> None:
-        rc = self.fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                     m, n, k, torch.get_num_threads())
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None,
+                 b: torch.Tensor | None, y: torch.Tensor, m: int, n: int, k: int) -> None:
+        rc = self.fn(x.data_ptr(), w.data_ptr(), None if scale is None else scale.data_ptr(),
+                     None if b is None else b.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
         if rc:
-            raise RuntimeError(f"rows_linear refused m={m} n={n} k={k}")
+            raise RuntimeError(f"{self.fn.__name__} refused m={m} n={n} k={k}")
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _compiler_id(cc: str) -> str:
         return cc
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
     """What -march=native depends on: the CPU's model and flags."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -103,7 +105,7 @@ def _build(cc: str, name: str) -> tuple[Path | None, str]:
     source_path = CSRC / f"{name}.c"
     # the source and the headers it may include, all part of the build's identity
     source = source_path.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
-    ident = "\n".join([_compiler_id(cc), platform.machine(), _cpu_id()])
+    ident = "\n".join([_compiler_id(cc), platform.machine(), cpu_id()])
     errors = []
     for flags in _FLAG_SETS:
         digest = hashlib.sha256(source + ident.encode() + " ".join(flags).encode()).hexdigest()[:16]
@@ -129,20 +131,28 @@ def _build(cc: str, name: str) -> tuple[Path | None, str]:
     return None, "; ".join(errors)
 
 
-def _check_rows(kernel: RowsKernel) -> str | None:
-    """Against F.linear on odd shapes (a K that is not a multiple of 16, a bias, every M)."""
+def _check_linear(kernel: LinearKernel, int8: bool) -> str | None:
+    """Against F.linear (on the dequantized weights for int8) on odd shapes: a K off the vector
+    width, with and without a bias, every M."""
     import torch.nn.functional as F
+
+    from stablelm_lsp.models.quantize import dequantize, quantize_rows
 
     g = torch.Generator().manual_seed(0)
     n, k = 37, 83
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    q = scale = None
+    if int8:
+        q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+        quantize_rows(w, q, scale)
+        w = dequantize(q, scale, torch.float32)
     for m in range(1, kernel.max_m + 1):
         x = torch.randn(m, k, generator=g)
         for bias in (b, None):
             y = torch.empty(m, n)
-            kernel(x, w, bias, y, m, n, k)
+            kernel(x, q if int8 else w, scale, bias, y, m, n, k)
             if not torch.allclose(y, F.linear(x, w, bias), atol=1e-4, rtol=1e-4):
-                return f"the compiled kernel disagrees with F.linear (m={m})"
+                return f"the compiled {kernel.fn.__name__} disagrees with F.linear (m={m})"
     return None
 
 
@@ -167,12 +177,15 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
     return None
 
 
-def _bind_rows(lib: ctypes.CDLL, path: Path) -> RowsKernel:
-    fn = lib.rows_linear
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    lib.rows_linear_max_m.restype = ctypes.c_int
-    return RowsKernel(fn, lib.rows_linear_max_m(), path)
+def _bind_linear(entry: str):
+    def bind(lib: ctypes.CDLL, path: Path) -> LinearKernel:
+        fn = getattr(lib, entry)
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        fn.restype = ctypes.c_int
+        lib.rows_linear_max_m.restype = ctypes.c_int
+        return LinearKernel(fn, lib.rows_linear_max_m(), path)
+
+    return bind
 
 
 def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
@@ -182,9 +195,11 @@ def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
     return AttentionKernel(fn, path)
 
 
-# csrc/<name>.c -> how its library's entry point is bound, and the check it must pass
-_KERNELS = {"rows_linear": (_bind_rows, _check_rows),
-            "decode_attention": (_bind_attention, _check_attention)}
+# kernel -> the source it is built from (csrc/<source>.c), how its entry point is bound, and the
+# check it must pass
+_KERNELS = {"rows_linear": ("rows_linear", _bind_linear("rows_linear"), lambda k: _check_linear(k, False)),
+            "int8_linear": ("rows_linear", _bind_linear("int8_linear"), lambda k: _check_linear(k, True)),
+            "decode_attention": ("decode_attention", _bind_attention, _check_attention)}
 
 
 def cpu_float32_problems(what: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -206,9 +221,20 @@ def kernel_for(name: str, what: str, device: torch.device, dtype: torch.dtype):
     return (None, [kernel]) if isinstance(kernel, str) else (kernel, [])
 
 
-def load_rows_linear() -> RowsKernel | str:
+def load_rows_linear() -> LinearKernel | str:
     """The linear kernel, built if needed; or a sentence saying why it cannot be used here."""
     return _get("rows_linear")
+
+
+def load_int8_linear() -> LinearKernel | str:
+    """The int8 linear kernel, built if needed; or a sentence saying why it cannot be used here."""
+    return _get("int8_linear")
+
+
+def build_ids(names: list[str]) -> dict[str, str]:
+    """Each named kernel (built if needed): its library's file name (which names the source,
+    flags, compiler and CPU it was built from), or why there is none."""
+    return {name: k if isinstance(k, str) else k.path.name for name in names for k in [_get(name)]}
 
 
 def _get(name: str):
@@ -223,19 +249,19 @@ def _get(name: str):
 def _load(name: str):
     if os.environ.get("STABLELM_LSP_NO_CC"):
         return "STABLELM_LSP_NO_CC is set"
-    source = CSRC / f"{name}.c"
+    stem, bind, check = _KERNELS[name]
+    source = CSRC / f"{stem}.c"
     if not source.exists():
         return f"kernel source missing ({source})"
     cc = _compiler()
     if cc is None:
         return "no C compiler (cc, gcc or clang) on PATH"
     try:
-        path, detail = _build(cc, name)
+        path, detail = _build(cc, stem)
     except OSError as exc:
         return f"cannot build in {cache_dir()}: {exc}"
     if path is None:
         return f"{cc} could not build {source.name} ({detail})"
-    bind, check = _KERNELS[name]
     try:
         kernel = bind(ctypes.CDLL(str(path)), path)
     except (OSError, AttributeError) as exc:

@@ -23,21 +23,21 @@ from .attention import install, ring_capacity, select_attention
 from .captured import DecodeStep
 from .errors import EmptyPrompt, InvalidParameter, OutOfMemory, PromptTooLong, TokenOutOfRange
 from .kv_budget import DeviceBudget
-from .linear import install as install_linear, select_linear
+from .linear import KERNELS as LINEAR_KERNELS
 from .lru import LRU
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
 from .speculation import Drafter
 from .stopping import TokenStops
+from .tuning import plan as plan_kernels
 
 # Prompt tokens run per forward step during prefill: large enough to keep the matrix units busy,
 # small enough that a cancel or a newer keystroke is noticed quickly.
 PREFILL_CHUNK = {"cpu": 256, "cuda": 1024}
-# Most draft tokens verified in one pass (speculation.py). A pass of 1 + k positions costs little
-# more than one position while the weights dominate: on a GPU up to a few dozen, on a CPU a few
-# (bench/linear_bench.py, the own CPU kernel: 9 positions cost 1.8x one on two threads, 2.7x on
-# one).
+# Most draft tokens verified in one pass (speculation.py) where the kernels' cost of k + 1
+# positions against one is not measured (on a CPU it is: inference/tuning.py). A pass of a few
+# dozen positions costs little more than one on a GPU while the weights dominate.
 DRAFT_TOKENS = {"cpu": 8, "cuda": 16}
 # While a greedy request follows the previous sequence of its document, drafts may be this many
 # times longer: they are the model's own earlier choices.
@@ -67,14 +67,19 @@ TokenCallback = Callable[[int], "str | None"]
 class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
                  attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
-                 linear: str = "auto", decode_step: str = "off"):
-        """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype).
+                 linear: str = "auto", decode_step: str = "off",
+                 progress: Callable[[float, str], None] | None = None):
+        """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype, .quantization).
         attention: auto | sdpa | flash | cpu (inference/attention.py); the engine installs it in the model.
         prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with.
-        draft_tokens: most draft tokens verified per pass (0: no speculation; default per device).
-        linear: auto | torch | onednn | rows: the CPU kernel of the linear layers (inference/linear.py).
+        draft_tokens: most draft tokens verified per pass (0: no speculation; default: from the
+        measured cost of a pass, else per device).
+        linear: auto | rows | torch | onednn | onednn-plain | widen: the linear layers' kernels
+        (inference/linear.py; auto: the fastest measured per pass length, inference/tuning.py).
         decode_step: off | static | compile | cuda-graph: how single-token steps run
-        (inference/captured.py; opt-in)."""
+        (inference/captured.py; opt-in).
+        progress(fraction, message): while the kernels are measured (the first load of a model
+        on a machine); it may raise to stop."""
         self.prefix_reuse = prefix_reuse
         self.model = loaded.model
         self.config = loaded.config
@@ -87,16 +92,26 @@ class Engine:
                                 tokenizer.vocab_size if tokenizer is not None else self.config.vocab_size)
         cfg = self.config
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK.get(self.device.type, 256)
-        if draft_tokens is None:
-            draft_tokens = DRAFT_TOKENS.get(self.device.type, 8)
-        if draft_tokens < 0:
+        if draft_tokens is not None and draft_tokens < 0:
             raise InvalidParameter(f"draft_tokens must be >= 0, got {draft_tokens}")
-        self.draft_tokens = draft_tokens
+        if linear not in LINEAR_KERNELS:
+            raise InvalidParameter(f"unknown linear kernel {linear!r} (choose from {', '.join(LINEAR_KERNELS)})")
+        if decode_step == "compile" and linear != "auto":
+            raise InvalidParameter(f"cannot use the {linear!r} linear kernel: the decode step is "
+                                   "compiled with torch.compile")
         self._previous: LRU[str | None, list[int]] = LRU(_PREVIOUS_KEYS)
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
         install(self.model, cfg, self.attention)
-        self.linear = select_linear(linear, self.device, self.dtype, compiled=decode_step == "compile")
-        install_linear(self.model, self.linear)
+        self.kernels = plan_kernels(self.model, device=self.device, dtype=self.dtype,
+                                    int8=getattr(loaded, "quantization", None) == "int8",
+                                    linear=linear, attention=self.attention,
+                                    attention_requested=attention, chunk=self.prefill_chunk,
+                                    compiled=decode_step == "compile", progress=progress)
+        if draft_tokens is None:
+            draft_tokens = self.kernels.draft_tokens
+        if draft_tokens is None:
+            draft_tokens = DRAFT_TOKENS.get(self.device.type, 8)
+        self.draft_tokens = draft_tokens
         self.decode_step = None if decode_step == "off" else DecodeStep(self.model, decode_step, self.device)
         if self.decode_step is not None:
             self.decode_step.warm_up()

@@ -33,8 +33,9 @@ class BackendOptions:
     """How to run a model. Equal options (progress aside) give the same backend."""
 
     device: str = "auto"            # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"             # auto (checkpoint's on GPU, float32 on CPU) | float32 | ...
+    dtype: str = "auto"             # auto (checkpoint's on GPU, float32 on CPU) | float32 | int8 ...
     attention: str = "auto"         # auto | sdpa | flash | cpu (inference/attention.py)
+    linear: str = "auto"            # auto (measured) or a forced kernel (inference/linear.py)
     decode_step: str = "off"        # off | static | compile | cuda-graph (inference/captured.py)
     speculation: bool = True        # verify drafts in one pass (inference/speculation.py)
     prefix_cache: bool = True       # reuse KV across requests (off only for measurements)
@@ -85,5 +86,6 @@ def load_backend(model: str | None, options: BackendOptions = BackendOptions()) 
     return LocalBackend.load(model or str(builtin_model_path()), device=options.device,
                              dtype=options.dtype, allow_pickle=options.allow_pickle,
                              progress=options.progress, prefix_reuse=options.prefix_cache,
-                             attention=options.attention, decode_step=options.decode_step,
+                             attention=options.attention, linear=options.linear,
+                             decode_step=options.decode_step,
                              **engine)

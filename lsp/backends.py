@@ -39,6 +39,8 @@ def _backend_status(backend: Backend, loading: dict) -> dict:
     info, health = backend.info, backend.health
     status = {"state": "ready" if health.ok else "error", "builtin": info.builtin,
               "device": info.device, "dtype": info.dtype}
+    if info.kernels is not None:
+        status["kernels"] = info.kernels
     if "endpoint" in loading:
         status["path"] = None if info.path == info.device else info.path
         if loading.get("model") is None and health.ok:
@@ -52,7 +54,8 @@ def _backend_status(backend: Backend, loading: dict) -> dict:
 
 class BackendManager:
     """Owns the completion backend. `status` is what `stablelm/status` reports:
-    {state: loading|ready|error, model, builtin, device, dtype, message?}."""
+    {state: loading|ready|error, model, builtin, device, dtype, message?, kernels?} (kernels:
+    what inference/tuning.py chose, once ready)."""
 
     def __init__(self, on_status: Callable[[dict], None],
                  on_progress: Callable[[str, float, str, int], None],

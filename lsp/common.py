@@ -22,13 +22,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "with --endpoint, the served model (a folder or Hub id also gives the "
                         "tokenizer prompts are built with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the checkpoint's dtype on GPU, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="auto: the checkpoint's dtype on GPU, float32 on CPU; int8: int8 weights "
+                        "(quantized while loading; activations as auto)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin pickle weights (loaded with weights_only=True)")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "cpu"],
                    help="attention kernel: auto (flash-attn on CUDA when installed, the own kernel "
                         "for decode steps on a CPU), sdpa, flash, cpu")
+    p.add_argument("--linear", default="auto",
+                   choices=["auto", "rows", "torch", "onednn", "onednn-plain", "widen"],
+                   help="linear layers' kernel: auto (the fastest measured on this machine per pass "
+                        "length), or one forced: rows (own), torch, onednn (packed), onednn-plain, "
+                        "widen (int8/16-bit weights widened per pass)")
     p.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",
@@ -46,6 +52,7 @@ def model_flags(args: argparse.Namespace) -> dict:
     """The model arguments as settings (JSON names), those given only."""
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype,
              "allowPickle": args.allow_pickle or None, "attention": args.attention,
+             "linear": args.linear,
              "decodeStep": args.decode_step, "speculation": False if not args.speculation else None,
              "endpoint": args.endpoint, "endpointKind": args.endpoint_kind}
     return {k: v for k, v in flags.items() if v is not None}

@@ -47,7 +47,8 @@ class Settings:
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
     speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
-    attention: str = "auto"           # auto | sdpa | flash (inference/attention.py)
+    attention: str = "auto"           # auto | sdpa | flash | cpu (inference/attention.py)
+    linear: str = "auto"              # auto (measured) or one forced kernel (inference/linear.py)
     decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
     endpoint: str | None = None       # a remote engine's URL: generation runs there
     endpoint_kind: str = "auto"       # auto | openai | vllm | llamacpp | ollama
@@ -61,6 +62,7 @@ class Settings:
     def backend_options(self, progress: Progress | None = None) -> BackendOptions:
         """How inference.load.load_backend runs the model under these settings."""
         return BackendOptions(device=self.device, dtype=self.dtype, attention=self.attention,
+                              linear=self.linear,
                               decode_step=self.decode_step, speculation=self.speculation,
                               prefix_cache=self.prefix_cache, allow_pickle=self.allow_pickle,
                               endpoint=self.endpoint, endpoint_kind=self.endpoint_kind,
@@ -110,9 +112,10 @@ _RANGES = {
     "chat_max_new_tokens": (1, 32768),
     "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
+_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
             "endpoint_kind": ENDPOINT_KINDS,
+            "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen"),
             "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 

@@ -7,6 +7,7 @@ the caller allows pickle files, and those only with weights_only=True.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,10 +20,16 @@ from .config import ModelConfig
 from .decoder import Decoder
 from .errors import CheckpointError, CheckpointNotFound, PickleRefused
 from .hub import resolve_checkpoint
+from .quantize import is_quantized, quantize_rows
 from .safetensors_io import TensorSource
 from .tokenizer import Tokenizer
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "int8": weight-only int8 (models/quantize.py), computing in what "auto" picks
+DTYPES = ("auto", *_DTYPE_NAMES, "int8")
+# Float rows read at a time while quantizing a tensor (the most float32 ever held beside the
+# int8 weights while loading)
+_QUANTIZE_CHUNK_BYTES = 4 << 20
 
 Progress = Callable[[float, str], None]
 
@@ -35,8 +42,9 @@ class LoadedModel:
     path: Path
     name: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype              # the compute dtype: activations, KV cache, float weights
     load_seconds: float = 0.0
+    quantization: str | None = None     # "int8": weight-only int8 linear layers and embedding
     extra: dict = field(default_factory=dict)
 
 
@@ -84,14 +92,15 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str | torch.dtype, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    """The compute dtype; for "int8" (int8 weights) the one "auto" picks."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
+    if dtype in ("auto", "int8"):
         if device.type == "cpu":
             return torch.float32
         return _DTYPE_NAMES.get(str(cfg.torch_dtype), torch.bfloat16)
     if dtype not in _DTYPE_NAMES:
-        raise CheckpointError(f"unknown dtype {dtype!r} (auto, {', '.join(_DTYPE_NAMES)})")
+        raise CheckpointError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
     return _DTYPE_NAMES[dtype]
 
 
@@ -168,7 +177,9 @@ def _fill(model: Decoder, cfg: ModelConfig, source: TensorSource, progress: Prog
         if all(key not in source for key, _ in parts) and _is_norm_bias(name):
             dst.data.zero_()
             continue
-        flat, offset = dst.data.view(-1), 0
+        scale = params[name.removesuffix("weight") + "scale"] if dst.dtype == torch.int8 else None
+        # parts are stacked along dim 0: each fills whole rows of dst (a per-head norm one row)
+        row, row_numel = 0, dst[0].numel() if dst.dim() else 1
         for key, shape in parts:
             if key not in source:
                 raise CheckpointError(f"missing tensor {key} (expected shape {list(shape)})")
@@ -176,15 +187,35 @@ def _fill(model: Decoder, cfg: ModelConfig, source: TensorSource, progress: Prog
             if tuple(found) != shape:
                 raise CheckpointError(
                     f"tensor {key} has shape {list(found)}, expected {list(shape)} from config.json")
-            numel = 1
-            for s in shape:
-                numel *= s
-            source.read_into(key, flat[offset: offset + numel].view(shape))
-            offset += numel
+            count = math.prod(shape) // row_numel
+            rows = dst.data[row: row + count] if dst.dim() else dst.data
+            if scale is None:
+                source.read_into(key, rows)
+            else:
+                _read_quantized(source, key, rows, scale.data[row: row + count])
+            row += count
         if cfg.fused_qkv and ".qkv." in name:
             _deinterleave_qkv(dst.data, cfg)
+            if scale is not None:
+                _deinterleave_qkv(scale.data, cfg)
         if progress is not None and n % 8 == 0:
             progress(n / len(plan), f"loading weights ({n}/{len(plan)})")
+
+
+def _read_quantized(source: TensorSource, key: str, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Tensor `key` [N, K] quantized row by row into q [N, K] int8 and scale [N], a few MiB of
+    float rows at a time: the float tensor is never held whole."""
+    n, k = q.shape
+    step = max(1, _QUANTIZE_CHUNK_BYTES // (4 * k))
+    buf = torch.empty(min(step, n), k, dtype=torch.float32)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        rows = buf[: stop - start]
+        source.read_rows(key, start, stop, rows)
+        if q.device.type == "cpu":
+            quantize_rows(rows, q[start:stop], scale[start:stop])
+        else:   # quantized where the model lives, the same way
+            quantize_rows(rows.to(q.device), q[start:stop], scale[start:stop])
 
 
 def _deinterleave_qkv(t: torch.Tensor, cfg: ModelConfig) -> None:
@@ -206,13 +237,22 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "auto
     cfg = ModelConfig.from_file(config_file)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev, cfg)
+    int8 = dtype == "int8"
     tokenizer = Tokenizer.from_folder(path, cfg)
     source = _weight_files(path, allow_pickle)
     try:
         tied = "lm_head.weight" not in source
         with torch.device("meta"):
-            model = Decoder(cfg, tie_word_embeddings=tied)
-        model = model.to(dtype=dt).to_empty(device=dev)
+            model = Decoder(cfg, tie_word_embeddings=tied, int8=int8)
+        model = model.to(dtype=dt)
+        for module in model.modules():
+            if is_quantized(module):     # scales stay float32 whatever the compute dtype
+                module.scale.data = module.scale.data.float()
+                if hasattr(module, "dtype"):
+                    module.dtype = dt
+        model = model.to_empty(device=dev)
+        if int8 and tied:
+            model.share_int8_head()
         _fill(model, cfg, source, progress)
     finally:
         source.close()
@@ -221,4 +261,5 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "auto
         progress(1.0, "weights loaded")
     name = os.fspath(path_or_id) if not Path(os.fspath(path_or_id)).expanduser().exists() else path.name
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, path=path, name=name,
-                       device=dev, dtype=dt, load_seconds=time.perf_counter() - t0)
+                       device=dev, dtype=dt, load_seconds=time.perf_counter() - t0,
+                       quantization="int8" if int8 else None)

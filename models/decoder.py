@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quantize import Int8Embedding, Int8Linear
 
 
 class LayerNorm(nn.Module):
@@ -38,8 +39,8 @@ class PerHeadLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], None, None, self.eps) * self.weight
 
 
-def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=bias)
+def _linear(n_in: int, n_out: int, bias: bool, int8: bool) -> nn.Module:
+    return Int8Linear(n_in, n_out, bias) if int8 else nn.Linear(n_in, n_out, bias=bias)
 
 
 def _activation(name: str):
@@ -53,12 +54,12 @@ def _activation(name: str):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, int8: bool = False):
         super().__init__()
         self.cfg = cfg
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv = _linear(cfg.hidden_size, (h + 2 * k) * d, cfg.qkv_bias)
-        self.o = _linear(h * d, cfg.hidden_size, cfg.o_bias)
+        self.qkv = _linear(cfg.hidden_size, (h + 2 * k) * d, cfg.qkv_bias, int8)
+        self.o = _linear(h * d, cfg.hidden_size, cfg.o_bias, int8)
         if cfg.qk_norm == "per_head":
             self.q_norm = PerHeadLayerNorm(h, d, cfg.norm_eps)
             self.k_norm = PerHeadLayerNorm(k, d, cfg.norm_eps)
@@ -137,13 +138,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, int8: bool = False):
         super().__init__()
         self.gated = cfg.mlp_gated
         self.act = _activation(cfg.activation)
         # gated: up holds [gate; up] fused, as in the math down(act(gate(x)) * up(x))
-        self.up = _linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.mlp_gated else 1), cfg.mlp_bias)
-        self.down = _linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias)
+        self.up = _linear(cfg.hidden_size, cfg.intermediate_size * (2 if cfg.mlp_gated else 1),
+                          cfg.mlp_bias, int8)
+        self.down = _linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, int8)
 
     def forward(self, x):
         if self.gated:
@@ -153,13 +155,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, int8: bool = False):
         super().__init__()
         self.parallel = cfg.parallel_residual
         self.ln1 = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         self.ln2 = None if cfg.parallel_residual else LayerNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.attn = Attention(cfg, int8)
+        self.mlp = MLP(cfg, int8)
 
     def forward(self, x, cos, sin, layer, cache, attn):
         h = self.ln1(x)
@@ -324,26 +326,43 @@ class KVCache:
 
 
 class Decoder(nn.Module):
-    """Token ids in, logits out; with a KVCache, positions continue at cache.length."""
+    """Token ids in, logits out; with a KVCache, positions continue at cache.length.
 
-    def __init__(self, cfg: ModelConfig, tie_word_embeddings: bool | None = None):
+    int8: weight-only int8 linear layers and embedding table (models/quantize.py); norms, biases,
+    activations and the KV cache stay in the float dtype the model is converted to."""
+
+    def __init__(self, cfg: ModelConfig, tie_word_embeddings: bool | None = None, int8: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.int8 = int8
+        self.embed = Int8Embedding(cfg.vocab_size, cfg.hidden_size) if int8 else \
+            nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, int8) for _ in range(cfg.num_layers))
         self.norm = LayerNorm(cfg.hidden_size, cfg.norm_eps)
         tie = cfg.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-        self.lm_head = None if tie else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # set when inference/ gives a tied head its own copy of the embedding (a packed layout)
-        self.head_is_tied_copy = False
+        # True when lm_head is a module that reads the embedding table itself (an int8 head, or
+        # a layer inference/ installed on it): the head is still tied
+        self.head_shares_embedding = False
+        if not tie:
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, int8)
+        elif int8:
+            self.share_int8_head()
+        else:
+            self.lm_head = None
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         # The attention kernel every layer calls (see sdpa_attention); inference/attention.py
         # may install another one (flash-attn on CUDA).
         self.attention = sdpa_attention
 
+    def share_int8_head(self) -> None:
+        """A tied int8 head: a layer on the embedding's own int8 rows and scales (again after
+        `to_empty`, which gives each module its own storage)."""
+        self.lm_head = Int8Linear.sharing(self.embed.weight, self.embed.scale)
+        self.head_shares_embedding = True
+
     @property
     def tied(self) -> bool:
-        return self.lm_head is None or self.head_is_tied_copy
+        return self.lm_head is None or self.head_shares_embedding
 
     def rope_tables(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [n, rotary_dim] in float32, grown on demand (computed as transformers does)."""
@@ -357,8 +376,13 @@ class Decoder(nn.Module):
             self._rope_cache = cached = (emb.cos().to(device), emb.sin().to(device))
         return cached
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: activations and KV cache (the norms are never quantized)."""
+        return self.norm.weight.dtype
+
     def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
-        p = self.embed.weight
+        p = self.norm.weight
         return KVCache(self.cfg, capacity, device=p.device, dtype=p.dtype, batch=batch)
 
     @torch.inference_mode()

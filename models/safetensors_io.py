@@ -112,19 +112,27 @@ class TensorSource:
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         """Copy tensor `name` into `dst` (same number of elements), converting dtype/device."""
+        self.read_rows(name, 0, self.shape(name)[0] if self.shape(name) else 1, dst)
+
+    def read_rows(self, name: str, start: int, stop: int, dst: torch.Tensor) -> None:
+        """Copy rows [start, stop) of tensor `name` (along its first dimension; a 0-d tensor has
+        one) into `dst` (same number of elements), converting dtype/device: a large tensor can
+        be read piece by piece without ever holding all of it."""
         if name in self._tensors:
-            dst.copy_(self._tensors[name].reshape(dst.shape))
+            t = self._tensors[name]
+            dst.copy_((t[start:stop] if t.dim() else t).reshape(dst.shape))
             return
         e = self._entries[name]
+        row_bytes = (e.end - e.begin) // e.shape[0] if e.shape and e.shape[0] else e.end - e.begin
         f = self._files.get(e.file)
         if f is None:
             f = self._files[e.file] = open(e.file, "rb")
-        f.seek(e.begin)
+        f.seek(e.begin + start * row_bytes)
         direct = dst.dtype == e.dtype and dst.device.type == "cpu" and dst.is_contiguous()
         buf = dst if direct else torch.empty(dst.shape, dtype=e.dtype)
         # A writable view of the tensor's own bytes (no numpy needed: torch does not require it)
         view = (ctypes.c_char * buf.nbytes).from_address(buf.data_ptr()) if buf.nbytes else bytearray()
-        if f.readinto(view) != e.end - e.begin:
+        if f.readinto(view) != (stop - start) * row_bytes:
             raise CheckpointError(f"{e.file}: truncated while reading {name!r}")
         if not direct:
             dst.copy_(buf)

@@ -90,6 +90,9 @@ async def test_capabilities_progress_and_status(shared, model):
     current = await status(client)
     assert current["state"] == "ready" and current["model"] == model.name
     assert current["builtin"] is False and current["device"] == "cpu"
+    # the kernels measured on this machine (or reused from an earlier measurement)
+    kernels = current["kernels"]
+    assert kernels["source"].startswith("measured") and kernels["linear"] and kernels["draftTokens"] >= 0
     # Loading was reported with $/progress: begin ... end.
     (reports,) = client.progress_reports.values()
     assert reports[0].kind == "begin" and reports[-1].kind == "end"
@@ -319,6 +322,13 @@ async def test_settings_from_initialization_options_and_configuration_changes(
             settings={"stablelm": {"model": str(stablelm_checkpoint)}}))
         current = await wait_for_state(client, "ready", "error", model=stablelm_checkpoint.name)
         assert current["state"] == "ready" and current["model"] == stablelm_checkpoint.name
+        await inline(client, uri, 6, 15)
+
+        # int8 weights on the own kernel: loaded again, reported in the status
+        await configure(client, dtype="int8", linear="rows")
+        current = await wait_for_state(client, "ready", "error")
+        assert current["state"] == "ready" and current["dtype"] == "int8", current
+        assert all(group["choice"][0][1] == "rows" for group in current["kernels"]["linear"].values())
         await inline(client, uri, 6, 15)
     finally:
         await stop_client(client)

@@ -44,11 +44,16 @@ static inline v16 vexp(v16 x) {
     return p * scale;
 }
 
+/* At the native width with two accumulators (vec.h: wider vectors go through the stack). */
 static inline float dot(const float *a, const float *b, long d) {
-    v16 acc = {0};
+    vf acc0 = {0}, acc1 = {0};
     long i = 0;
-    for (; i + 16 <= d; i += 16) acc += *(const v16u *)(a + i) * *(const v16u *)(b + i);
-    float s = hsum(acc);
+    for (; i + 2 * VL <= d; i += 2 * VL) {
+        acc0 += *(const vfu *)(a + i) * *(const vfu *)(b + i);
+        acc1 += *(const vfu *)(a + i + VL) * *(const vfu *)(b + i + VL);
+    }
+    for (; i + VL <= d; i += VL) acc0 += *(const vfu *)(a + i) * *(const vfu *)(b + i);
+    float s = hsum_vf(acc0 + acc1);
     for (; i < d; i++) s += a[i] * b[i];
     return s;
 }
@@ -102,8 +107,8 @@ static void attend(const float *const *qs, float *const *outs, const long *ts, i
                 float w = p[r][j];
                 if (w == 0.f) continue;
                 long d = 0;
-                for (; d + 16 <= D; d += 16)
-                    *(v16 *)(acc[r] + d) += *(const v16u *)(vr + d) * w;
+                for (; d + VL <= D; d += VL)
+                    *(vf *)(acc[r] + d) += *(const vfu *)(vr + d) * w;
                 for (; d < D; d++) acc[r][d] += vr[d] * w;
             }
         }

@@ -16,6 +16,7 @@ export interface ServerSettings {
   dtype: string;
   speculation: boolean;
   attention: string;
+  linear: string;
   decodeStep: string;
   maxNewTokens: number;
   temperature: number;
@@ -61,6 +62,7 @@ export function serverSettings(config: ConfigurationReader): ServerSettings {
     dtype: read(config, "dtype", isString),
     speculation: read(config, "speculation", isBoolean),
     attention: read(config, "attention", isString),
+    linear: read(config, "linear", isString),
     decodeStep: read(config, "decodeStep", isString),
     maxNewTokens: read(config, "maxNewTokens", isInteger),
     temperature: read(config, "temperature", isNumber),

@@ -13,6 +13,7 @@ test("unset settings take package.json's defaults", () => {
     dtype: "auto",
     speculation: true,
     attention: "auto",
+    linear: "auto",
     decodeStep: "off",
     maxNewTokens: 64,
     temperature: 0,
