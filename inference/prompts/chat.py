@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ..api import GenerationRequest, ModelInfo, PromptPart, prompt_text
+from ..api import PRIORITY_CHAT, GenerationRequest, ModelInfo, PromptPart, prompt_text
 from ..lru import LRU
 from .budget import CountText, CountTokens, excerpt, take_forwards, text_counter
 from .chat_template import ChatFormatError, ChatMessage, ChatTemplate
@@ -90,7 +90,7 @@ def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
     # No token healing: the prompt ends with the template's generation prompt, not user text.
     request = GenerationRequest(prompt_parts=prompt.parts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, stop=template.stop_texts, key=key,
-                                token_healing=False, priority=1)
+                                token_healing=False, priority=PRIORITY_CHAT)
     return prompt, request
 
 
