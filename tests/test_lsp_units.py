@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from stablelm_lsp.inference.load import describe_model
-from stablelm_lsp.lsp.completion import ShownCompletion
+from stablelm_lsp.lsp.completion import ShownCompletion, Suggestion
 from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
 from stablelm_lsp.lsp.postprocess import Completion
 from stablelm_lsp.lsp.documents import relative_path
@@ -139,15 +139,22 @@ def test_item_range_covers_replaced_closers_in_the_client_encoding():
 
 
 def test_type_through_memory_follows_matching_keys_only():
-    shown = ShownCompletion(Completion("return x", replace=1), Cursor(3, 4))
-    assert shown.observe_insert(Cursor(3, 4), Cursor(3, 4), "re")
-    assert shown.remainder(Cursor(3, 6)) == Completion("turn x", replace=1)
-    assert shown.remainder(Cursor(3, 5)) is None
-    assert not shown.observe_insert(Cursor(3, 6), Cursor(3, 6), "x")        # does not match
-    assert not ShownCompletion(Completion("ab"), Cursor(0, 0)).observe_insert(
-        Cursor(0, 0), Cursor(0, 1), "a")                                      # replaces text
-    done = ShownCompletion(Completion("ab"), Cursor(0, 0))
+    def shown(*texts, replace=0, at=Cursor(3, 4)):
+        return ShownCompletion([Suggestion(Completion(t, replace=replace)) for t in texts], at)
+
+    memory = shown("return x", replace=1)
+    (only,) = memory.suggestions
+    assert memory.observe_insert(Cursor(3, 4), Cursor(3, 4), "re")
+    assert memory.remainder(Cursor(3, 6)) == [Suggestion(Completion("turn x", replace=1), only.id)]
+    assert memory.remainder(Cursor(3, 5)) is None
+    assert not memory.observe_insert(Cursor(3, 6), Cursor(3, 6), "x")        # does not match
+    assert not shown("ab", at=Cursor(0, 0)).observe_insert(Cursor(0, 0), Cursor(0, 1), "a")  # replaces
+    done = shown("ab", at=Cursor(0, 0))
     assert done.observe_insert(Cursor(0, 0), Cursor(0, 0), "ab") and done.remainder(Cursor(0, 2)) is None
+    # Choices: typing keeps those it follows, in their order.
+    choices = shown("x + 1", "y * 2", "x - 1")
+    assert choices.observe_insert(Cursor(3, 4), Cursor(3, 4), "x")
+    assert [s.completion.text for s in choices.remainder(Cursor(3, 5))] == [" + 1", " - 1"]
 
 
 def _frame(body: bytes, length: int | None = None) -> bytes:
