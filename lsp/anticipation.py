@@ -52,6 +52,7 @@ class Counters:
     prepared: int = 0           # ... by a result computed before the request (no model run)
     background_runs: int = 0    # background requests started
     background_done: int = 0    # ... that completed
+    background_running: int = 0  # ... still running
     discarded: int = 0          # prepared results dropped unused (edits, newer ones, stopped)
 
     def as_json(self) -> dict[str, int]:
@@ -59,7 +60,7 @@ class Counters:
                 "typeThrough": self.type_through, "prepared": self.prepared,
                 "answeredWithoutModel": self.type_through + self.prepared,
                 "backgroundRuns": self.background_runs, "backgroundDone": self.background_done,
-                "discarded": self.discarded}
+                "backgroundRunning": self.background_running, "discarded": self.discarded}
 
 
 def same_work(a: PendingCompletion, b: PendingCompletion) -> bool:
@@ -164,11 +165,13 @@ class Anticipation:
         prepared = Prepared(origin, PendingCompletion(pending.prompt, request), cancel, task, watch)
         self._prepared[uri] = prepared
         self.counters.background_runs += 1
+        self.counters.background_running += 1
         task.add_done_callback(lambda _: self._finished(uri, prepared))
         log.debug("%s: preparing the completion (%s)", uri, origin)
         return prepared
 
     def _finished(self, uri: str, prepared: Prepared) -> None:
+        self.counters.background_running -= 1
         if prepared.task.cancelled():
             pass
         elif prepared.task.exception() is not None:

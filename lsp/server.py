@@ -364,14 +364,14 @@ class StableLMServer(LanguageServer):
             return None
         if answer.result is not None:
             if not answer.prepared:
-                self._record_run(uri, answer.result)
+                self._record_run(uri, answer.result, answer.context_paths)
             for suggestion in answer.suggestions:
                 self.stats.record_shown(suggestion.id)
         if not answer.suggestions:
             return None
         return answer.suggestions, cursor, doc
 
-    def _record_run(self, uri: str, result) -> None:
+    def _record_run(self, uri: str, result, context_paths: tuple[str, ...]) -> None:
         self._runs += 1
         self.last_run = {"run": self._runs, "promptTokens": result.prompt_tokens,
                          "reusedTokens": result.reused_tokens,
@@ -379,7 +379,8 @@ class StableLMServer(LanguageServer):
                          "draftedTokens": result.drafted_tokens,
                          "acceptedTokens": result.accepted_tokens,
                          "finishReason": result.finish_reason,
-                         "elapsedMs": round(result.elapsed_s * 1000, 1)}
+                         "elapsedMs": round(result.elapsed_s * 1000, 1),
+                         "contextFiles": list(context_paths)}
         log.debug("completion %s: %s", uri, self.last_run)
 
     def _prompt_sources(self, doc: Document, lines, cursor: Cursor

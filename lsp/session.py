@@ -51,6 +51,7 @@ class Answer:
     suggestions: list[Suggestion]
     result: GenerationResult | None
     prepared: bool = False
+    context_paths: tuple[str, ...] = ()     # what the prompt had as context (other files)
 
 
 @dataclass
@@ -191,7 +192,7 @@ class CompletionSessions:
         session.shown = ShownCompletion(suggestions, cursor) if suggestions else None
         if anticipate:
             self._anticipate(doc, cursor, completer, sources, pending, result, suggestions)
-        return Answer(suggestions, result, prepared)
+        return Answer(suggestions, result, prepared, pending.prompt.context_paths)
 
     async def _sampled(self, completer: Completer, pending: PendingCompletion, choices: int,
                        found: list, cancel: threading.Event, stale: Callable[[], bool]) -> list:
