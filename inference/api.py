@@ -2,9 +2,9 @@
 
 lsp/ never touches token ids, tensors or models: it builds prompt *text* (inference/prompts/) and
 hands a `GenerationRequest` to a `Backend`, which it gets from `load.load_backend`. The
-in-process engine implements it (`LocalBackend`, inference/backend.py); a remote engine (vLLM,
-llama.cpp's server, Ollama) can implement the same interface, which is why everything here is
-text, not token ids.
+in-process engine implements it (`LocalBackend`, inference/backend.py), and so does a remote
+engine a team runs (`RemoteBackend`, inference/remote/: vLLM, llama.cpp's server, Ollama, any
+OpenAI-compatible server), which is why everything here is text, not token ids.
 
 A prompt built from documents is a sequence of `PromptPart`s (models/prompt_parts.py, offered
 here): the prompt format's own text is special, everything that came from documents, messages or
@@ -86,6 +86,14 @@ class GenerationRequest:
     # running request lets more urgent ones run between its steps, so a keystroke's completion
     # does not wait for a chat reply, nor for work done ahead of time.
     priority: int = PRIORITY_COMPLETION
+    # Multi-line completions: the cursor line's indentation (its leading spaces and tabs). An
+    # engine may end the completion before the first line indented less (llama.cpp's
+    # `n_indent`); the local engine leaves that to post-processing.
+    indent: int | None = None
+    # Chat: the (role, content) messages the prompt renders, for an engine that applies its own
+    # chat template (a remote engine whose tokenizer is not known here). The prompt is still
+    # what `prompt_parts` says for every other backend.
+    messages: tuple[tuple[str, str], ...] | None = None
 
     def parts(self) -> tuple[PromptPart, ...]:
         """The prompt as parts: `prompt_parts`, or `prompt` as one special part."""
@@ -104,6 +112,17 @@ class GenerationResult:
     elapsed_s: float = 0.0
     drafted_tokens: int = 0         # speculative draft tokens verified (0 where not supported)
     accepted_tokens: int = 0        # of those, the ones kept
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether a backend can serve requests now. A local engine always can; a remote one is
+    down while its server is unreachable, failing or refusing requests, and comes back by
+    itself."""
+
+    ok: bool = True
+    message: str | None = None      # why not, for the user (never a secret such as an API key)
+    fault: str | None = None        # the kind of failure: unreachable, timeout, http-500, ...
 
 
 class Backend(abc.ABC):
@@ -156,6 +175,14 @@ class Backend(abc.ABC):
         except asyncio.CancelledError:
             cancel.set()
             raise
+
+    @property
+    def health(self) -> Health:
+        return Health()
+
+    def on_health_change(self, callback: Callable[[Health], None]) -> None:
+        """Call `callback(health)` (from any thread) whenever `health` changes. A local engine's
+        never does."""
 
     def close(self) -> None:
         """Release the device; the backend is unusable afterwards."""

@@ -26,10 +26,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart, join_parts
+from .api import Backend, GenerationRequest, GenerationResult, ModelInfo, PromptPart
+from .checks import SamplingParams, checked_parts
 from .engine import Engine
-from .errors import EmptyPrompt, InvalidParameter
-from .sampling import SamplingParams
+from .errors import InvalidParameter
 from .stopping import TextStops
 from .streaming import Utf8StreamDecoder
 
@@ -91,7 +91,7 @@ class LocalBackend(Backend):
 
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None,
                  on_delta: Callable[[str], None] | None = None) -> GenerationResult:
-        parts = _checked_parts(request)
+        parts = checked_parts(request)
         if isinstance(request.stop, str):
             raise InvalidParameter("stop must be a sequence of strings, not one string")
         sampling = SamplingParams(request.temperature, request.top_k, request.top_p, request.seed)
@@ -228,19 +228,3 @@ def line_text_ids(tokenizer, spaces: bool) -> list[int]:
     return [i for i, piece in enumerate(tokenizer.token_bytes)
             if not tokenizer.is_added(i) and keeps_line(piece, spaces)]
 
-
-def _checked_parts(request: GenerationRequest) -> tuple[PromptPart, ...]:
-    """The request's prompt as non-empty joined parts; a GenerationError when there is none or
-    it is malformed."""
-    if request.prompt_parts is not None:
-        if request.prompt:
-            raise InvalidParameter("give the prompt as prompt or as prompt_parts, not both")
-        if isinstance(request.prompt_parts, (str, bytes)) or not all(
-                isinstance(p, PromptPart) and isinstance(p.text, str) for p in request.prompt_parts):
-            raise InvalidParameter("prompt_parts must be a sequence of PromptPart")
-    elif not isinstance(request.prompt, str):
-        raise InvalidParameter(f"the prompt must be text, got {type(request.prompt).__name__}")
-    parts = join_parts(request.parts())
-    if not parts:
-        raise EmptyPrompt("the prompt is empty")
-    return parts

@@ -1,7 +1,8 @@
 """Specific reasons a generation request is refused; all are `GenerationError`s (inference/api.py).
 
 Each is raised before any model work starts, so the engine stays usable afterwards; OutOfMemory
-and NonFiniteLogits come from the work itself, after the engine has put its caches back in order.
+and NonFiniteLogits come from the work itself, after the engine has put its caches back in order;
+EngineError, from a remote engine, can also end a request that was under way.
 """
 from __future__ import annotations
 
@@ -42,3 +43,12 @@ class OutOfMemory(GenerationError):
 
 class NonFiniteLogits(GenerationError):
     """The model produced NaN or infinite logits (broken weights, or overflow in half precision)."""
+
+
+class EngineError(GenerationError):
+    """A remote engine could not serve the request: unreachable, too slow, failing or refusing
+    it. The message says why, for the user; the backend's health says whether it is down."""
+
+    def __init__(self, message: str, fault: str):
+        super().__init__(message)
+        self.fault = fault

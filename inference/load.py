@@ -1,7 +1,8 @@
 """One way to get a `Backend`: `load_backend(model, options)`.
 
 The server, `stablelm-lsp complete`, `generate` and `chat` all come here with a `BackendOptions`;
-what runs the model (today the in-process `LocalBackend`) is chosen here and nowhere else.
+what runs the model is chosen here and nowhere else: the in-process `LocalBackend`, or, with an
+`endpoint`, a `RemoteBackend` of an engine a team runs (inference/remote/).
 This module imports no torch until a backend is loaded, so callers can describe the model
 (`describe_model`) before anything heavy is imported.
 """
@@ -38,14 +39,20 @@ class BackendOptions:
     speculation: bool = True        # verify drafts in one pass (inference/speculation.py)
     prefix_cache: bool = True       # reuse KV across requests (off only for measurements)
     allow_pickle: bool = False      # allow pytorch_model.bin (weights_only=True)
+    # A remote engine's base URL (http(s)://host:port): the model runs there, nothing loads here.
+    endpoint: str | None = None
+    endpoint_kind: str = "auto"     # auto | openai | vllm | llamacpp | ollama
     progress: Progress | None = field(default=None, compare=False)
 
 
-def describe_model(model: str | None) -> dict:
+def describe_model(model: str | None, endpoint: str | None = None) -> dict:
     """{model, path, builtin} for a status, the same before and after loading: `model` is the
     Hub id as given or the checkpoint folder's name; `path` the folder (None for a Hub id until it
-    is found in the cache). model None: the built-in model."""
+    is found in the cache). model None: the built-in model, or with an `endpoint` the engine's
+    (named once it answers)."""
     builtin = builtin_model_path()
+    if model is None and endpoint is not None:
+        return {"model": None, "path": None, "builtin": False}
     if model is None:
         return {"model": builtin.name, "path": str(builtin), "builtin": True}
     local = Path(model).expanduser()
@@ -58,7 +65,17 @@ def describe_model(model: str | None) -> dict:
 
 def load_backend(model: str | None, options: BackendOptions = BackendOptions()) -> Backend:
     """A backend for `model` (a checkpoint folder or Hub id; None: the built-in model).
-    Raises models' ModelError for a bad path or checkpoint, GenerationError for bad options."""
+    Raises models' ModelError for a bad path or checkpoint, GenerationError for bad options.
+
+    With `options.endpoint`, the engine there generates: `model` names the served model (None:
+    the engine's first), and when it is a folder or Hub id with tokenizer.json, the tokenizer
+    prompts are built with. The engine being down is no error: the backend's health says so
+    until the engine answers."""
+    if options.endpoint is not None:
+        from .remote.backend import RemoteBackend, RemoteOptions
+
+        return RemoteBackend.connect(RemoteOptions(options.endpoint, kind=options.endpoint_kind,
+                                                   model=model))
     from .backend import LocalBackend
 
     if model is None:

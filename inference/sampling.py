@@ -6,31 +6,13 @@ owned by the `Sampler`, so the same seed on the same device gives the same token
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidParameter, NonFiniteLogits
+from .checks import SamplingParams
+from .errors import NonFiniteLogits
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0        # 0 = greedy (argmax); top_k / top_p / seed are then unused
-    top_k: int = 0                  # 0 = no top-k cut
-    top_p: float = 1.0              # 1.0 = no nucleus cut
-    seed: int | None = None         # None = a fresh random seed per request
-
-    def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            raise InvalidParameter(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InvalidParameter(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+__all__ = ["Sampler", "SamplingParams"]
 
 
 class Sampler:

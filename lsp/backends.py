@@ -19,6 +19,7 @@ from typing import Callable
 
 from stablelm_lsp.inference.api import Backend
 from stablelm_lsp.inference.load import BackendOptions, Progress, describe_model, load_backend
+from stablelm_lsp.inference.remote.engines import display_url
 
 from .settings import Settings
 
@@ -29,6 +30,24 @@ Loader = Callable[[str | None, BackendOptions], Backend]
 
 class LoadCancelled(Exception):
     """Raised by a load's progress callback when the load is no longer wanted."""
+
+
+def _backend_status(backend: Backend, loading: dict) -> dict:
+    """The status fields a loaded backend gives: where it runs and, for a remote engine, whether
+    it answers. The name stays the one reported while loading (a remote engine's served model
+    when none was named); the path is where the model or its tokenizer was read from."""
+    info, health = backend.info, backend.health
+    status = {"state": "ready" if health.ok else "error", "builtin": info.builtin,
+              "device": info.device, "dtype": info.dtype}
+    if "endpoint" in loading:
+        status["path"] = None if info.path == info.device else info.path
+        if loading.get("model") is None and health.ok:
+            status["model"] = info.name
+    else:
+        status["path"] = os.path.abspath(info.path)
+    if not health.ok:
+        status.update(message=health.message, fault=health.fault)
+    return status
 
 
 class BackendManager:
@@ -100,15 +119,18 @@ class BackendManager:
 
     def start(self, settings: Settings) -> None:
         """Load the completion model in the background, replacing the current one when done."""
-        described = describe_model(settings.model)
+        described = describe_model(settings.model, settings.endpoint)
+        where = {"device": settings.device, "dtype": settings.dtype}
+        if settings.endpoint is not None:
+            shown = display_url(settings.endpoint)
+            where = {"device": shown, "dtype": settings.endpoint_kind, "endpoint": shown}
         with self._lock:
             if self._closed:
                 return
             self._generation += 1
             generation = self._generation
             old, self._backend = self._backend, None
-            self._status = {"state": "loading", **described, "device": settings.device,
-                            "dtype": settings.dtype}
+            self._status = {"state": "loading", **described, **where}
             status = dict(self._status)
         if old is not None:
             old.close()
@@ -129,6 +151,8 @@ class BackendManager:
 
     def _load_and_report(self, generation: int, settings: Settings, name: str) -> None:
         label = settings.model or "the built-in model"
+        if settings.endpoint is not None:
+            label = f"{settings.model or 'the served model'} at {display_url(settings.endpoint)}"
         self._on_progress("begin", 0.0, f"loading {label}", generation)
         try:
             progress: Progress = lambda fraction, message: self._on_progress(
@@ -144,19 +168,32 @@ class BackendManager:
             self._on_progress("end", 1.0, "failed", generation)
             self._finish(generation, None, {"state": "error", "message": str(exc) or type(exc).__name__})
             return
-        info = backend.info
-        self._on_progress("end", 1.0, f"{name} ready", generation)
-        # The name stays the one reported while loading; the path is where it was read from.
-        self._finish(generation, backend, {"state": "ready", "path": os.path.abspath(info.path),
-                                           "builtin": info.builtin, "device": info.device,
-                                           "dtype": info.dtype})
+        self._on_progress("end", 1.0, f"{name or backend.info.name} ready", generation)
+        # A remote engine's health changes by itself (down, back): each change is a new status.
+        backend.on_health_change(lambda health: self._health_changed(generation, backend))
+        self._finish(generation, backend, None)
 
-    def _finish(self, generation: int, backend: Backend | None, status: dict) -> None:
+    def _health_changed(self, generation: int, backend: Backend) -> None:
+        """A remote engine went down or came back: its status, if it is still the one in use
+        (called on the backend's own thread, which must not close it)."""
+        with self._lock:
+            if generation != self._generation or self._backend is not backend:
+                return
+        self._finish(generation, backend, None)
+
+    def _finish(self, generation: int, backend: Backend | None, status: dict | None) -> None:
+        """Publish the end of load `generation`: `status` (a failure), or the state of `backend`
+        (ready, or a remote engine's fault), unless a newer load replaced it."""
         with self._lock:
             current = generation == self._generation
             if current:
                 self._backend = backend
+                if status is None:
+                    status = _backend_status(backend, self._status)
                 self._status.update(status)
+                if self._status["state"] != "error":
+                    self._status.pop("message", None)
+                    self._status.pop("fault", None)
                 status = dict(self._status)
         if not current:
             if backend is not None:

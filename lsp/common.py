@@ -11,12 +11,16 @@ import sys
 import traceback
 from typing import Callable
 
+from stablelm_lsp.inference.remote.engines import ENDPOINT_KINDS
+
 EXIT_USAGE = 2
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="checkpoint folder or Hugging Face model id (default: the built-in model)")
+                   help="checkpoint folder or Hugging Face model id (default: the built-in model); "
+                        "with --endpoint, the served model (a folder or Hub id also gives the "
+                        "tokenizer prompts are built with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: the checkpoint's dtype on GPU, float32 on CPU")
@@ -29,6 +33,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",
                    help="one forward pass per generated token (no draft verification)")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="generate on the inference engine at URL (vLLM, llama.cpp's server, Ollama, "
+                        "any OpenAI-compatible server) instead of in this process; an API key is "
+                        "read from $STABLELM_LSP_API_KEY")
+    p.add_argument("--endpoint-kind", choices=ENDPOINT_KINDS,
+                   help="the engine's kind (default: auto, detected from the server)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
 
@@ -36,7 +46,8 @@ def model_flags(args: argparse.Namespace) -> dict:
     """The model arguments as settings (JSON names), those given only."""
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype,
              "allowPickle": args.allow_pickle or None, "attention": args.attention,
-             "decodeStep": args.decode_step, "speculation": False if not args.speculation else None}
+             "decodeStep": args.decode_step, "speculation": False if not args.speculation else None,
+             "endpoint": args.endpoint, "endpointKind": args.endpoint_kind}
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -55,13 +66,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from stablelm_lsp.inference.api import GenerationError
     from stablelm_lsp.inference.load import ModelError
 
-    return (ModelError, GenerationError, FileNotFoundError, IsADirectoryError, UnicodeDecodeError)
+    from .settings import SettingsError
+
+    return (ModelError, GenerationError, SettingsError, FileNotFoundError, IsADirectoryError,
+            UnicodeDecodeError)
+
+
+def quiet_libraries() -> None:
+    """pygls logs every message body at INFO, torch its caches' statistics at exit, httpx each
+    request to a remote engine: WARNING for them unless debugging."""
+    for name in ("pygls", "torch", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_guarded(args: argparse.Namespace, func: Callable[[argparse.Namespace], int]) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if not args.debug else logging.DEBUG,
                             stream=sys.stderr, format="stablelm-lsp: %(message)s")
+        if not args.debug:
+            quiet_libraries()
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -73,6 +73,7 @@ class Completer:
             key=key,
             # The prompt ends at the cursor, often inside a word: let the model choose its token.
             token_healing=True,
+            indent=len(prompt.line_before) - len(prompt.line_before.lstrip(" \t")) if multiline else None,
         )
         return PendingCompletion(prompt, request)
 

@@ -15,6 +15,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from .common import quiet_libraries
 from .transport import FileWriter, StdinChunks
 
 if TYPE_CHECKING:
@@ -22,16 +23,15 @@ if TYPE_CHECKING:
 
 
 def configure_logging(log_file: str | None, level: str) -> None:
-    """Log to `log_file` or stderr, never stdout. pygls logs every message body at INFO and torch
-    its caches' statistics at exit: they get WARNING unless the level is DEBUG."""
+    """Log to `log_file` or stderr, never stdout; chatty libraries only from WARNING unless the
+    level is DEBUG (common.quiet_libraries)."""
     handler = logging.FileHandler(log_file, encoding="utf-8") if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     if root.level > logging.DEBUG:
-        logging.getLogger("pygls").setLevel(logging.WARNING)
-        logging.getLogger("torch").setLevel(logging.WARNING)
+        quiet_libraries()
 
 
 def exit_now(code: int) -> None:

@@ -30,6 +30,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 
 from stablelm_lsp.inference.api import GenerationError
+from stablelm_lsp.inference.errors import EngineError
 from stablelm_lsp.inference.load import load_backend
 from stablelm_lsp.inference.prompts.fim import ContextFile, TemplateError
 from stablelm_lsp.inference.prompts.ring import EditRing
@@ -90,6 +91,7 @@ class StableLMServer(LanguageServer):
         self.last_run: dict | None = None    # the latest generation's numbers, for stablelm.status
         self._runs = 0
         self._settings_problems: list[str] = []
+        self._faults_shown: set[str] = set()    # kinds of remote engine failure shown to the user
         self._progress: LoadProgress | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stop: asyncio.Future | None = None     # set by request_stop (a signal)
@@ -274,12 +276,23 @@ class StableLMServer(LanguageServer):
         self._in_loop(self._publish_status, status)
 
     def _publish_status(self, status: dict) -> None:
-        if status["state"] == "ready":
+        if status["state"] == "loading":
+            self._faults_shown.clear()
+        # A remote engine that is down keeps its completer: its backend answers at once with
+        # an error (completions come back empty) and learns from the requests to retry sooner.
+        if self.backends.backend is not None:
             self._rebuild_completer()
         elif status["state"] == "error":
             self.completer = None
-            self.window_show_message(types.ShowMessageParams(
-                types.MessageType.Error, f"stablelm-lsp: the model did not load: {status['message']}"))
+        if status["state"] == "error":
+            fault = status.get("fault")
+            if fault is None:
+                self.window_show_message(types.ShowMessageParams(
+                    types.MessageType.Error, f"stablelm-lsp: the model did not load: {status['message']}"))
+            elif fault not in self._faults_shown:       # each kind once, not on every keystroke
+                self._faults_shown.add(fault)
+                self.window_show_message(types.ShowMessageParams(
+                    types.MessageType.Error, f"stablelm-lsp: {status['message']}"))
         self.protocol.notify(STATUS_NOTIFICATION, status)
 
     def _on_progress(self, kind: str, fraction: float, message: str, load: int) -> None:
@@ -358,6 +371,9 @@ class StableLMServer(LanguageServer):
                 doc, cursor, completer, sources=self._prompt_sources, choices=choices,
                 debounce_s=(settings.debounce_min_ms / 1000, settings.debounce_ms / 1000),
                 anticipate=settings.anticipate)
+        except EngineError as exc:      # a remote engine's fault: in the status, not per request
+            log.debug("no completion for %s: %s", uri, exc)
+            return None
         except (GenerationError, TemplateError) as exc:
             raise JsonRpcException(f"stablelm-lsp: {exc}", code=REQUEST_FAILED) from exc
         if answer is None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from stablelm_lsp.inference.prompts.chat import CHAT_MAX_NEW_TOKENS
 from stablelm_lsp.inference.load import BackendOptions, Progress
+from stablelm_lsp.inference.remote.engines import ENDPOINT_KINDS, check_endpoint
 
 SECTION = "stablelm"
 
@@ -50,6 +51,8 @@ class Settings:
     anticipate: bool = True           # compute completions before they are asked for (anticipation.py)
     attention: str = "auto"           # auto | sdpa | flash (inference/attention.py)
     decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
+    endpoint: str | None = None       # a remote engine's URL: generation runs there
+    endpoint_kind: str = "auto"       # auto | openai | vllm | llamacpp | ollama
 
     def stats_path(self) -> Path:
         if self.stats_file:
@@ -62,6 +65,7 @@ class Settings:
         return BackendOptions(device=self.device, dtype=self.dtype, attention=self.attention,
                               decode_step=self.decode_step, speculation=self.speculation,
                               prefix_cache=self.prefix_cache, allow_pickle=self.allow_pickle,
+                              endpoint=self.endpoint, endpoint_kind=self.endpoint_kind,
                               progress=progress)
 
     def model_changed(self, other: "Settings") -> bool:
@@ -110,6 +114,7 @@ _RANGES = {
 }
 _CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
+            "endpoint_kind": ENDPOINT_KINDS,
             "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 
@@ -137,6 +142,8 @@ def _check(name: str, value: Any) -> Any:
         raise ValueError(f"expected a string, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ValueError(f"{value!r} is not one of {', '.join(_CHOICES[name])}")
+    if name == "endpoint":
+        check_endpoint(value)       # ValueError naming what is wrong
     if name == "template":
         from stablelm_lsp.inference.prompts.fim import PromptTemplate, TemplateError
 

@@ -1,8 +1,8 @@
 """stablelm_lsp.models: checkpoints, configs, tokenizers and the decoder math.
 
-The names below are imported on first use (PEP 562), so that `builtin_model_path` and the
-errors can be had without importing torch (the server reports which model it loads before
-torch is loaded).
+The names below are imported on first use (PEP 562), so that `builtin_model_path`, the errors,
+the tokenizer and Hub lookups can be had without importing torch (the server reports which model
+it loads before torch is loaded; a remote engine's tokenizer never needs torch).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def builtin_model_path() -> Path:
 
 _LAZY = {
     "LoadedModel": "checkpoint", "load_model": "checkpoint", "pick_device": "checkpoint",
-    "pick_dtype": "checkpoint", "resolve_checkpoint": "checkpoint",
+    "pick_dtype": "checkpoint", "resolve_checkpoint": "hub",
     "SUPPORTED_MODEL_TYPES": "config", "ModelConfig": "config",
     "Decoder": "decoder", "KVCache": "decoder",
     "CheckpointError": "errors", "CheckpointNotFound": "errors", "ModelError": "errors",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +18,11 @@ import torch
 from .config import ModelConfig
 from .decoder import Decoder
 from .errors import CheckpointError, CheckpointNotFound, PickleRefused
+from .hub import resolve_checkpoint
 from .safetensors_io import TensorSource
 from .tokenizer import Tokenizer
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-              "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "generation_config.json"]
 
 Progress = Callable[[float, str], None]
 
@@ -42,38 +38,6 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike, offline: bool | None = None) -> Path:
-    """A local folder, or a Hub model id looked up in (and, when online, fetched into) the HF cache."""
-    text = os.fspath(path_or_id)
-    if not text.strip():
-        raise CheckpointNotFound("no model given (empty path)")
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointNotFound(f"{path} is a file; give the checkpoint's folder")
-        return path
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise CheckpointNotFound(f"{path}: no such folder")
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or \
-            os.environ.get("STABLELM_LSP_OFFLINE", "") not in ("", "0")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointNotFound(f"{text}: no such folder") from None
-    try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES, local_files_only=True))
-    except Exception:
-        if offline:
-            raise CheckpointNotFound(
-                f"{text}: no such folder, and not in the Hugging Face cache (offline)") from None
-    try:
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
-    except Exception as exc:
-        raise CheckpointNotFound(f"{text}: no such folder, and the Hub download failed "
-                                 f"({type(exc).__name__})") from None
 
 
 def _weight_files(path: Path, allow_pickle: bool) -> TensorSource:

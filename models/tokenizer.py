@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 # Spellings of the special tokens across code models' vocabularies.
-_SPECIAL_NAMES = {
+SPECIAL_NAMES = {
     "fim_prefix": ("<fim_prefix>", "<|fim_prefix|>", "<fim-prefix>"),
     "fim_suffix": ("<fim_suffix>", "<|fim_suffix|>", "<fim-suffix>"),
     "fim_middle": ("<fim_middle>", "<|fim_middle|>", "<fim-middle>"),
@@ -54,6 +54,21 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _config_token_ids(folder: Path) -> tuple[tuple[int, ...], int | None]:
+    """(eos ids, bos id) from config.json, if it is there and has them."""
+    try:
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (), None
+    if not isinstance(raw, dict):
+        return (), None
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(e for e in (eos if isinstance(eos, list) else [eos])
+                    if isinstance(e, int) and not isinstance(e, bool))
+    bos = raw.get("bos_token_id")
+    return eos_ids, bos if isinstance(bos, int) and not isinstance(bos, bool) else None
+
+
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer, tokenizer_config: dict | None = None,
                  eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None,
@@ -72,7 +87,7 @@ class Tokenizer:
         bos_text = _token_text(cfg.get("bos_token"))
         self.bos_id = tok.token_to_id(bos_text) if bos_text else bos_token_id
         found = {field: next((n for n in names if tok.token_to_id(n) is not None), None)
-                 for field, names in _SPECIAL_NAMES.items()}
+                 for field, names in SPECIAL_NAMES.items()}
         self.special = SpecialTokens(
             eos=self.id_to_token(self.eos_ids[0]) if self.eos_ids else None,
             bos=self.id_to_token(self.bos_id) if self.bos_id is not None else None,
@@ -93,6 +108,9 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path: Path, cfg: "ModelConfig | None" = None) -> "Tokenizer":
+        """The tokenizer in checkpoint folder `path`. cfg: its parsed config.json; without it
+        (a model served by a remote engine, of any family) config.json's token ids are read
+        as far as they are there."""
         file = path / "tokenizer.json"
         if not file.exists():
             raise CheckpointError(f"{path}: no tokenizer.json")
@@ -114,8 +132,8 @@ class Tokenizer:
         jinja = path / "chat_template.jinja"
         if jinja.exists():
             template = jinja.read_text(encoding="utf-8")
-        return cls(tok, tcfg, eos_token_ids=cfg.eos_token_ids if cfg else (),
-                   bos_token_id=cfg.bos_token_id if cfg else None,
+        eos_ids, bos_id = (cfg.eos_token_ids, cfg.bos_token_id) if cfg else _config_token_ids(path)
+        return cls(tok, tcfg, eos_token_ids=eos_ids, bos_token_id=bos_id,
                    chat_template=template if isinstance(template, str) else None)
 
     @property

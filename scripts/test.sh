@@ -4,6 +4,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 venv=${STABLELM_LSP_VENV:-.venv}
+if [ "${STABLELM_TEST_REMOTE:-0}" = 1 ]; then
+    bash scripts/install_llama_cpp.sh "$venv" || exit 1
+fi
 # The tests' models are tiny and the test process and the servers it starts run side by side:
 # one intra-op thread each avoids thread hand-offs that cost more than the arithmetic.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -88,9 +88,12 @@ def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
                                budget=info.max_positions - reserve, context=context,
                                keep_from=keep_from)
     # No token healing: the prompt ends with the template's generation prompt, not user text.
+    system = prompt.conversation[:1] if prompt.conversation[0].role == "system" else ()
+    kept = system + prompt.conversation[prompt.first_kept:]
     request = GenerationRequest(prompt_parts=prompt.parts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, stop=template.stop_texts, key=key,
-                                token_healing=False, priority=PRIORITY_CHAT)
+                                token_healing=False, priority=PRIORITY_CHAT,
+                                messages=tuple((m.role, m.content) for m in kept))
     return prompt, request
 
 

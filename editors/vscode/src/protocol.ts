@@ -31,6 +31,10 @@ export interface ServerStatus {
   device: string;
   dtype: string;
   message?: string;
+  /** A remote engine: its URL (device is the URL too, dtype the engine's kind). */
+  endpoint?: string;
+  /** A remote engine's kind of failure (unreachable, timeout, http-500, ...) while state is "error". */
+  fault?: string;
 }
 
 export interface StatusResult extends ServerStatus {

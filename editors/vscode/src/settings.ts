@@ -10,6 +10,8 @@ export const SECTION = "stablelm";
 /** The settings the server reads, under the names of the protocol. */
 export interface ServerSettings {
   model: string;
+  endpoint: string;
+  endpointKind: string;
   device: string;
   dtype: string;
   speculation: boolean;
@@ -53,6 +55,8 @@ const isBoolean = (v: unknown) => typeof v === "boolean";
 export function serverSettings(config: ConfigurationReader): ServerSettings {
   return {
     model: read<string>(config, "model", isString).trim(),
+    endpoint: read<string>(config, "endpoint", isString).trim(),
+    endpointKind: read(config, "endpointKind", isString),
     device: read(config, "device", isString),
     dtype: read(config, "dtype", isString),
     speculation: read(config, "speculation", isBoolean),

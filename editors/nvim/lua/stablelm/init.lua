@@ -19,8 +19,8 @@ local defaults = {
   --- Or a Python interpreter with stablelm-lsp installed: runs `python -m stablelm_lsp.lsp --stdio`.
   python = nil,
   --- Server settings (initializationOptions and workspace/didChangeConfiguration). Unset keys
-  --- keep the server's defaults: model, device, dtype, speculation, attention, decodeStep,
-  --- maxNewTokens, temperature,
+  --- keep the server's defaults: model, endpoint, endpointKind, device, dtype, speculation,
+  --- attention, decodeStep, maxNewTokens, temperature,
   --- contextTokens, debounceMs, chatModel, chatMaxNewTokens, enabled.
   settings = {},
   --- Filetypes to attach to; nil: every file.

@@ -7,6 +7,8 @@ const reader = (values: Record<string, unknown>) => ({ get: <T>(key: string) => 
 test("unset settings take package.json's defaults", () => {
   assert.deepEqual(serverSettings(reader({})), {
     model: "",
+    endpoint: "",
+    endpointKind: "auto",
     device: "auto",
     dtype: "auto",
     speculation: true,
@@ -24,9 +26,11 @@ test("unset settings take package.json's defaults", () => {
 
 test("set values are passed on under the protocol's names", () => {
   const settings = serverSettings(
-    reader({ model: " /models/starcoder2-3b ", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false, decodeStep: "cuda-graph", speculation: false }),
+    reader({ model: " /models/starcoder2-3b ", endpoint: " http://gpu-box:8000 ", endpointKind: "vllm", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false, decodeStep: "cuda-graph", speculation: false }),
   );
   assert.equal(settings.model, "/models/starcoder2-3b");
+  assert.equal(settings.endpoint, "http://gpu-box:8000");
+  assert.equal(settings.endpointKind, "vllm");
   assert.equal(settings.device, "cuda:1");
   assert.equal(settings.dtype, "bfloat16");
   assert.equal(settings.maxNewTokens, 32);
