@@ -219,6 +219,8 @@ class CompletionSessions:
                     suggestions: list[Suggestion]) -> None:
         """After an answer: finish it in the background if it ran out of time, else prepare the
         completion for the document as it will be once the first suggestion is accepted."""
+        if not completer.backend.runs_background:
+            return
         if result.finish_reason == "time":
             if self.anticipation.start(doc.uri, "timeout", pending, completer.backend):
                 # the same request again gets the whole completion, not the rest of a cut one
@@ -240,7 +242,7 @@ class CompletionSessions:
         the KV cache with it), unless a request runs for the document or a suggestion is shown
         there. Whether one was started or is under way."""
         session = self.session(doc.uri)
-        if session.inflight is not None:
+        if session.inflight is not None or not completer.backend.runs_background:
             return False
         if session.shown is not None and session.shown.remainder(cursor) is not None:
             return False
