@@ -140,6 +140,7 @@ class CompletionSessions:
         moved on (an edit, a newer request) before they were ready. `debounce_s`: the bounds of
         the wait before the model runs. `anticipate`: prepare what may be asked next. Raises
         what the completer raises (GenerationError, TemplateError)."""
+        asked = time.monotonic()
         session = self.session(doc.uri)
         if session.shown is not None:
             remainder = session.shown.remainder(cursor)
@@ -175,7 +176,7 @@ class CompletionSessions:
             completions = [completer.finish(pending, result)]
             if choices > 1:
                 completions += await self._sampled(completer, pending, choices, completions,
-                                                   cancel, stale)
+                                                   cancel, stale, time.monotonic() - asked)
         finally:
             if session.inflight is cancel:
                 session.inflight = None
@@ -195,16 +196,21 @@ class CompletionSessions:
         return Answer(suggestions, result, prepared, pending.prompt.context_paths)
 
     async def _sampled(self, completer: Completer, pending: PendingCompletion, choices: int,
-                       found: list, cancel: threading.Event, stale: Callable[[], bool]) -> list:
+                       found: list, cancel: threading.Event, stale: Callable[[], bool],
+                       spent_s: float) -> list:
         """Sampled completions of the same prompt (its KV cache is reused: only the last prompt
-        token and the new ones run) until `choices` distinct ones are found in all."""
+        token and the new ones run) until `choices` distinct ones are found in all, within
+        what is left of the request's time budget after `spent_s`."""
         texts = {c.text for c in found if c is not None}
         more = []
+        started = time.monotonic()
+        budget = pending.request.time_budget_s
         for seed in range(1, CHOICE_ATTEMPTS + 1):
-            if len(texts) >= choices or stale():
+            left = None if budget is None else budget - spent_s - (time.monotonic() - started)
+            if len(texts) >= choices or stale() or (left is not None and left <= 0):
                 break
             request = dataclasses.replace(pending.request, temperature=CHOICE_TEMPERATURE,
-                                          top_p=CHOICE_TOP_P, seed=seed)
+                                          top_p=CHOICE_TOP_P, seed=seed, time_budget_s=left)
             result = await completer.backend.agenerate(request, cancel=cancel)
             if result.finish_reason in ("cancelled", "superseded"):
                 break
