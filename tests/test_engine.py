@@ -353,6 +353,13 @@ def test_a_completion_runs_between_the_steps_of_a_longer_chat_reply(stablelm, re
     assert results["doc"].token_ids == fresh(reference_engine, doc_ids, max_new_tokens=5).token_ids
 
 
+def in_thread(results: dict, name: str, call) -> threading.Thread:
+    """Runs `call()` in a new thread, its result going to `results[name]`."""
+    thread = threading.Thread(target=lambda: results.__setitem__(name, call()))
+    thread.start()
+    return thread
+
+
 class ForwardLog:
     """Records which request (by key) each forward pass of `engine` runs for, and holds the
     `hold_at`-th pass of `held_key` until released: a request can then be queued while that pass
@@ -385,13 +392,11 @@ def test_background_work_delays_a_request_by_at_most_the_pass_in_progress(stable
     with Engine(stablelm, prefill_chunk=CHUNK, draft_tokens=0) as engine:
         log = ForwardLog(engine, "bg", 3 if phase == "prefill" else 6)
         results = {}
-        background = threading.Thread(target=lambda: results.__setitem__("bg", engine.generate(
-            bg_ids, max_new_tokens=12, key="bg", priority=PRIORITY_BACKGROUND)))
-        background.start()
+        background = in_thread(results, "bg", lambda: engine.generate(
+            bg_ids, max_new_tokens=12, key="bg", priority=PRIORITY_BACKGROUND))
         assert log.in_pass.wait(10)
-        foreground = threading.Thread(target=lambda: results.__setitem__("fg", engine.generate(
-            fg_ids, max_new_tokens=5, key="fg")))
-        foreground.start()
+        foreground = in_thread(results, "fg", lambda: engine.generate(
+            fg_ids, max_new_tokens=5, key="fg"))
         while engine.scheduler.pending < 2:     # the request is queued behind the held pass
             time.sleep(0.001)
         held = len(log.keys) - 1
@@ -413,13 +418,11 @@ def test_a_request_superseding_background_work_continues_its_prefill(stablelm, r
     with Engine(stablelm, prefill_chunk=CHUNK) as engine:
         log = ForwardLog(engine, "doc", 4)
         results = {}
-        background = threading.Thread(target=lambda: results.__setitem__("bg", engine.generate(
-            prompt, max_new_tokens=8, key="doc", priority=PRIORITY_BACKGROUND)))
-        background.start()
+        background = in_thread(results, "bg", lambda: engine.generate(
+            prompt, max_new_tokens=8, key="doc", priority=PRIORITY_BACKGROUND))
         assert log.in_pass.wait(10)
-        foreground = threading.Thread(target=lambda: results.__setitem__("fg", engine.generate(
-            prompt + [9], max_new_tokens=5, key="doc")))
-        foreground.start()
+        foreground = in_thread(results, "fg", lambda: engine.generate(
+            prompt + [9], max_new_tokens=5, key="doc"))
         while not results.get("bg") and engine.scheduler.pending < 2:
             time.sleep(0.001)
         log.release.set()

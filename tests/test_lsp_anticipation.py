@@ -10,24 +10,9 @@ import pytest
 import pytest_asyncio
 from lsprotocol import types
 
-from lsp_testing import (TIMEOUT_S, change, inline, inline_params, open_document, start_client,
-                         status, stop_client)
+from lsp_testing import (SOURCE, TIMEOUT_S, change, inline, inline_params, open_document,
+                         start_client, status, stop_client)
 from stablelm_lsp.lsp.documents import Cursor, after_insertion
-
-SOURCE = '''import os
-
-
-def read_config(path):
-    """Read a configuration file and return its lines."""
-    with open(path) as f:
-        return [line.strip() for line in f]
-
-
-def main():
-    lines = read_config(os.environ["CONFIG"])
-    for line in lines:
-        print(line)
-'''
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,8 +25,27 @@ async def shared(starcoder2_checkpoint, tmp_path_factory):
     await stop_client(client)
 
 
-def _uri(state, name):
-    return (state / "proj" / name).as_uri()
+def opened(shared, name: str) -> tuple:
+    """(client, uri) of a new document `name` holding SOURCE."""
+    client, state = shared
+    uri = (state / "proj" / name).as_uri()
+    open_document(client, uri, SOURCE)
+    return client, uri
+
+
+async def computed_again(client, uri: str, version: int, cursor: tuple[int, int],
+                         shown: list) -> list:
+    """The items at `cursor` computed by the model now: a character typed and deleted there
+    (versions `version` and `version + 1`) leaves nothing prepared or shown for it. The
+    character is one no item of `shown` starts with (typing through a suggestion keeps it)."""
+    before = await counters(client)
+    starts = {item.insert_text[:1] for item in shown}
+    typed = next(c for c in "#@$" if c not in starts)
+    change(client, uri, version, cursor, cursor, typed)
+    change(client, uri, version + 1, cursor, (cursor[0], cursor[1] + 1), "")
+    items = await inline(client, uri, *cursor)
+    assert (await counters(client))["modelRuns"] == before["modelRuns"] + 1
+    return items
 
 
 async def counters(client) -> dict:
@@ -72,9 +76,7 @@ def items_of(items):
 
 
 async def test_after_an_accept_the_next_completion_is_ready_and_exact(shared):
-    client, state = shared
-    uri = _uri(state, "accept.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "accept.py")
     (item,) = await inline(client, uri, 12, 14)          # at the end of "        print(line)"
     await client.workspace_execute_command_async(types.ExecuteCommandParams(
         "stablelm.accepted", item.command.arguments))
@@ -88,18 +90,11 @@ async def test_after_an_accept_the_next_completion_is_ready_and_exact(shared):
     assert (await status(client))["lastRun"]["run"] == run          # the model did not run
 
     # The same state computed by the model now: the same items.
-    other = "#" if not prepared or not prepared[0].insert_text.startswith("#") else "@"
-    change(client, uri, 3, cursor, cursor, other)
-    change(client, uri, 4, cursor, (cursor[0], cursor[1] + 1), "")
-    computed = await inline(client, uri, *cursor)
-    assert (await counters(client))["modelRuns"] == after["modelRuns"] + 1
-    assert items_of(computed) == items_of(prepared)
+    assert items_of(await computed_again(client, uri, 3, cursor, prepared)) == items_of(prepared)
 
 
 async def test_typing_that_diverges_discards_what_was_prepared(shared):
-    client, state = shared
-    uri = _uri(state, "diverge.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "diverge.py")
     (item,) = await inline(client, uri, 12, 14)
     text = item.insert_text
     before = await idle(client)
@@ -119,9 +114,7 @@ async def test_typing_that_diverges_discards_what_was_prepared(shared):
 
 
 async def test_what_was_prepared_answers_no_other_state(shared):
-    client, state = shared
-    uri = _uri(state, "elsewhere.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "elsewhere.py")
     await inline(client, uri, 12, 14)       # prepares the state after accepting this
     before = await idle(client)
     await inline(client, uri, 10, 4)        # the cursor moved: no edit, another prompt
@@ -130,9 +123,7 @@ async def test_what_was_prepared_answers_no_other_state(shared):
 
 
 async def test_did_focus_prepares_that_position_and_bad_params_are_ignored(shared):
-    client, state = shared
-    uri = _uri(state, "focus.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "focus.py")
     client.protocol.notify("stablelm/didFocus", {"uri": uri})                 # no position
     client.protocol.notify("stablelm/didFocus", {"uri": 3, "position": {"line": 0}})
     client.protocol.notify("stablelm/didFocus", {"uri": uri, "position": {"line": 6, "character": 8}})
@@ -142,10 +133,7 @@ async def test_did_focus_prepares_that_position_and_bad_params_are_ignored(share
     after = await counters(client)
     assert after["prepared"] == before["prepared"] + 1 and after["modelRuns"] == before["modelRuns"]
     # exact: the model gives the same at the same state
-    change(client, uri, 2, (6, 8), (6, 8), "#")
-    change(client, uri, 3, (6, 8), (6, 9), "")
-    assert items_of(await inline(client, uri, 6, 8)) == items_of(focused)
-    assert (await counters(client))["modelRuns"] == after["modelRuns"] + 1
+    assert items_of(await computed_again(client, uri, 2, (6, 8), focused)) == items_of(focused)
     # Any edit discards a focus preparation.
     client.protocol.notify("stablelm/didFocus", {"uri": uri, "position": {"line": 10, "character": 4}})
     change(client, uri, 4, (0, 0), (0, 0), "# edited\n")
@@ -153,9 +141,7 @@ async def test_did_focus_prepares_that_position_and_bad_params_are_ignored(share
 
 
 async def test_a_request_cut_by_its_time_budget_is_finished_in_the_background(shared):
-    client, state = shared
-    uri = _uri(state, "timeout.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "timeout.py")
     client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
         settings={"stablelm": {"timeoutMs": 1}}))
     try:
@@ -171,9 +157,7 @@ async def test_a_request_cut_by_its_time_budget_is_finished_in_the_background(sh
 
 
 async def test_explicit_requests_get_distinct_choices_automatic_ones_one(shared):
-    client, state = shared
-    uri = _uri(state, "choices.py")
-    open_document(client, uri, SOURCE)
+    client, uri = opened(shared, "choices.py")
     (automatic,) = await inline(client, uri, 11, 4)
     params = inline_params(uri, 11, 4)
     params.context.trigger_kind = types.InlineCompletionTriggerKind.Invoked
@@ -186,9 +170,8 @@ async def test_explicit_requests_get_distinct_choices_automatic_ones_one(shared)
 
 
 async def test_recently_edited_chunks_of_other_documents_reach_the_prompt_even_once_closed(shared):
-    client, state = shared
-    helper, main = _uri(state, "helpers.py"), _uri(state, "main.py")
-    open_document(client, helper, SOURCE)
+    client, helper = opened(shared, "helpers.py")
+    main = helper.replace("helpers.py", "main.py")
     change(client, helper, 2, (3, 4), (3, 15), "load_settings")       # def read_config -> ...
     client.text_document_did_close(types.DidCloseTextDocumentParams(
         types.TextDocumentIdentifier(helper)))

@@ -239,9 +239,18 @@ local function idle_counters(child)
   ]])
 end
 
-local function check_focus(mode, workdir)
+--- Runs `fn(child)` on a child set up in `mode`; the child is stopped whatever happens.
+local function with_child(mode, workdir, fn)
   local child = start_child(mode, workdir)
-  local ok, err = pcall(function()
+  local ok, err = pcall(fn, child)
+  child:stop()
+  if not ok then
+    error(err, 0)
+  end
+end
+
+local function check_focus(mode, workdir)
+  with_child(mode, workdir, function(child)
     local before = idle_counters(child)
     -- The cursor rests on the end of line 5 (normal mode): the plugin tells the server, which
     -- computes the completion there in the background.
@@ -263,36 +272,29 @@ local function check_focus(mode, workdir)
     expect(answered.prepared == after.prepared + 1, 'not answered with the prepared completion: ' .. vim.inspect(answered))
     expect(answered.modelRuns == after.modelRuns, 'the model ran again')
   end)
-  child:stop()
-  if not ok then
-    error(err, 0)
-  end
 end
 
 local function check_choices_and_parts(mode, namespace, workdir)
-  local child = start_child(mode, workdir)
-  local ok, err = pcall(function()
+  with_child(mode, workdir, function(child)
     child:input('GA')
     local first = child:wait('ghost text', REPLY_TIMEOUT_MS, ghost_text, namespace)
     -- <M-]>: the server's choices, the second one shown with its place among them.
+    --- The ghost text once it shows choice `n` (its "(n/N)" hint).
+    local function choice(n, timeout_ms)
+      return child:wait(('choice %d'):format(n), timeout_ms, ([[
+        local ghost = (loadstring or load)(%q)(...)
+        return ghost and ghost.text:match(' %%(%d/%%d%%)$') and ghost or nil
+      ]]):format(ghost_text, n), namespace)
+    end
     child:input('<M-]>')
-    local second = child:wait('another choice', REPLY_TIMEOUT_MS, ([[
-      local ghost = (loadstring or load)(%q)(...)
-      return ghost and ghost.text:match(' %%(2/%%d%%)$') and ghost or nil
-    ]]):format(ghost_text), namespace)
+    local second = choice(2, REPLY_TIMEOUT_MS)
     local shown, hint = without_hint(second.text)
     log(('  choices: %q, then %q (%s)'):format(first.text, shown, hint))
     expect(shown ~= without_hint(first.text), 'the second choice is the first one again')
     child:input('<M-[>')
-    child:wait('the first choice again', 5000, ([[
-      local ghost = (loadstring or load)(%q)(...)
-      return ghost and ghost.text:match(' %%(1/%%d%%)$') and ghost or nil
-    ]]):format(ghost_text), namespace)
+    choice(1, 5000)
     child:input('<M-]>')
-    child:wait('the second choice again', 5000, ([[
-      local ghost = (loadstring or load)(%q)(...)
-      return ghost and ghost.text:match(' %%(2/%%d%%)$') and ghost or nil
-    ]]):format(ghost_text), namespace)
+    choice(2, 5000)
     child:input('<Tab>')
     local inserted = child:wait('the chosen text in the buffer', 5000, [[
       local lines = vim.api.nvim_buf_get_lines(0, 8, -1, false)
@@ -329,10 +331,6 @@ local function check_choices_and_parts(mode, namespace, workdir)
     end
     expect(child:lua('return vim.api.nvim_get_mode().mode') == 'i', 'left insert mode')
   end)
-  child:stop()
-  if not ok then
-    error(err, 0)
-  end
 end
 
 local workdir = vim.fn.tempname()
