@@ -23,7 +23,15 @@ from typing import Callable, Sequence
 from stablelm_lsp.models.prompt_parts import PromptPart, SpecialTokens, join_parts, prompt_text
 
 __all__ = ["Backend", "GenerationError", "GenerationRequest", "GenerationResult", "ModelInfo",
-           "PromptPart", "SpecialTokens", "join_parts", "prompt_text"]
+           "PRIORITY_BACKGROUND", "PRIORITY_CHAT", "PRIORITY_COMPLETION", "PromptPart",
+           "SpecialTokens", "join_parts", "prompt_text"]
+
+# `GenerationRequest.priority`: lower is more urgent. Background work is what the server computes
+# before it is asked for (lsp/anticipation.py); it runs only where the backend can keep it from
+# delaying the others (`Backend.runs_background`).
+PRIORITY_COMPLETION = 0
+PRIORITY_CHAT = 1
+PRIORITY_BACKGROUND = 2
 
 
 class GenerationError(ValueError):
@@ -77,9 +85,10 @@ class GenerationRequest:
     # token be any token that extends it (a partly typed word is completed as the model would
     # have tokenized the whole word). The returned text still starts where the prompt ends.
     token_healing: bool = False
-    # Lower is more urgent: completions 0, chat replies 1. A running request lets more urgent
-    # ones run between its steps, so a keystroke's completion does not wait for a chat reply.
-    priority: int = 0
+    # Lower is more urgent: completions 0, chat replies 1, background work 2 (PRIORITY_*). A
+    # running request lets more urgent ones run between its steps, so a keystroke's completion
+    # does not wait for a chat reply, nor for work done ahead of time.
+    priority: int = PRIORITY_COMPLETION
     # Multi-line completions: the cursor line's indentation (its leading spaces and tabs). An
     # engine may end the completion before the first line indented less (llama.cpp's
     # `n_indent`); the local engine leaves that to post-processing.
@@ -146,6 +155,15 @@ class Backend(abc.ABC):
         splitting a multi-byte character. A newer request with the same `key` supersedes this one
         (finish_reason "superseded").
         """
+
+    @property
+    def runs_background(self) -> bool:
+        """Whether requests at PRIORITY_BACKGROUND are cheap for everyone else: a more urgent
+        request arriving while one runs waits at most one forward chunk, and what the background
+        request computed stays cached for it. The in-process engine can promise that; a remote
+        engine runs requests as they come, so there background work would compete with the
+        user's requests and the server does none."""
+        return False
 
     async def agenerate(
         self,

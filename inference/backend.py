@@ -88,6 +88,12 @@ class LocalBackend(Backend):
     def info(self) -> ModelInfo:
         return self._info
 
+    @property
+    def runs_background(self) -> bool:
+        """Yes: the engine's scheduler runs more urgent requests between a background request's
+        forward passes, and its prefix cache keeps every chunk it computed (engine.py)."""
+        return True
+
     def count_tokens(self, prompt: str | Sequence[PromptPart]) -> int:
         if isinstance(prompt, str):
             return len(self.tokenizer.encode(prompt, parse_special=True))

@@ -141,8 +141,9 @@ class Engine:
         """Blocking; safe from any thread. Bad input raises a GenerationError subclass before
         anything is queued. first_token_ids: the ids the first generated token must be one of
         (token healing: the tokens that start with the text of a prompt token taken back).
-        priority: lower is more urgent (completions 0, chat 1); a running request lets more
-        urgent ones run between its steps (scheduler.py)."""
+        priority: lower is more urgent (completions 0, chat 1, background work 2: api.py); a
+        running request lets more urgent ones run between its forward passes (scheduler.py), so
+        background work delays a request by at most the pass in progress."""
         started = time.monotonic()
         tokens = self._check_prompt(prompt_ids)
         allowed = self._check_allowed(first_token_ids)

@@ -4,10 +4,13 @@ A request may carry a key (a document URI). A newer request with the same key su
 older one: still queued, it is answered at once without running; already running, it is told to
 stop at its next step. A caller's cancel event is honoured the same way.
 
-Priorities: a job's priority is a number, lower = more urgent (completions 0, a chat reply 1).
-A running job calls `run_urgent` between its steps: queued jobs more urgent than it run there
-and then, on the worker thread, while it waits (its state stays as it is), so a keystroke's
-completion never waits for a long chat reply to finish.
+Priorities: a job's priority is a number, lower = more urgent (completions 0, a chat reply 1,
+background work 2: inference/api.py). A running job calls `run_urgent` between its steps: queued
+jobs more urgent than it run there and then, on the worker thread, while it waits (its state
+stays as it is), so a keystroke's completion never waits for a long chat reply to finish, nor for
+work done ahead of time: it waits at most for the step in progress. A job already told to stop
+(superseded, cancelled) runs nothing there: it ends first and frees what it holds (its KV cache
+slot), so that a newer request for the same document continues from what it computed.
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ class Scheduler:
         ran = 0
         while True:
             with self._cond:
-                if self._closed or not self._queue:
+                if self._closed or not self._queue or current.stop_reason():
                     return ran
                 urgent = min((j for j in self._queue if j.priority < current.priority),
                              key=lambda j: j.priority, default=None)

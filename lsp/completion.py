@@ -90,30 +90,40 @@ class Completer:
 
 
 @dataclass
-class ShownCompletion:
-    """The completion last shown for a document, for answering from memory while the user types
-    through it. Any edit other than typing its next characters at the cursor forgets it."""
+class Suggestion:
+    """A completion shown to the editor, with the id its accept command carries."""
 
     completion: Completion
-    cursor: Cursor                  # where it was computed
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    typed: str = ""                 # characters of it typed since
+
+
+@dataclass
+class ShownCompletion:
+    """The completions last shown for a document (one, or the choices of an explicit request),
+    for answering from memory while the user types through them. Typing keeps those it follows;
+    any other edit forgets them all."""
+
+    suggestions: list[Suggestion]
+    cursor: Cursor                  # where they were computed
+    typed: str = ""                 # characters of them typed since
 
     def observe_insert(self, at: Cursor, end: Cursor, text: str) -> bool:
         """Account for an edit replacing [at, end) with `text`; False when it breaks the memory."""
         expected = Cursor(self.cursor.line, self.cursor.index + len(self.typed))
         typed = self.typed + text
-        if at != expected or end != expected or "\n" in text or "\r" in text \
-                or not self.completion.text.startswith(typed):
+        if at != expected or end != expected or "\n" in text or "\r" in text:
             return False
-        self.typed = typed
+        kept = [s for s in self.suggestions if s.completion.text.startswith(typed)]
+        if not kept:
+            return False
+        self.suggestions, self.typed = kept, typed
         return True
 
-    def remainder(self, cursor: Cursor) -> Completion | None:
+    def remainder(self, cursor: Cursor) -> list[Suggestion] | None:
         """What is left to show at `cursor`, if it is where typing through has led."""
         if cursor != Cursor(self.cursor.line, self.cursor.index + len(self.typed)):
             return None
-        rest = self.completion.text[len(self.typed):]
-        if not rest.strip():
-            return None
-        return Completion(rest, self.completion.replace)
+        n = len(self.typed)
+        rest = [Suggestion(Completion(s.completion.text[n:], s.completion.replace), s.id)
+                for s in self.suggestions if s.completion.text[n:].strip()]
+        return rest or None

@@ -12,6 +12,7 @@ import enum
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Sequence
 
 from pygls.uris import to_fs_path
 
@@ -190,3 +191,24 @@ def relative_path(uri: str, root_uris: list[str]) -> tuple[str, str]:
             if best is None or len(candidate[0]) < len(best[0]):
                 best = candidate
     return best or (os.path.basename(path), "")
+
+
+def with_insertion(lines: Sequence[str], at: Cursor, text: str,
+                   replace: int = 0) -> tuple[list[str], Cursor]:
+    """`lines` with `text` inserted at `at` over the `replace` characters after it on its line, as
+    an editor applies a completion item, and the cursor right after the inserted text."""
+    line = lines[at.line]
+    content = line_content(line)
+    head = content[:at.index] + text
+    new = split_lines(head + content[at.index + replace:] + line[len(content):])
+    if line[len(content):]:
+        new.pop()           # the line's own terminator made an empty last line: not a new one
+    return [*lines[:at.line], *new, *lines[at.line + 1:]], after_insertion(at, text)
+
+
+def after_insertion(at: Cursor, text: str) -> Cursor:
+    """Where the cursor is after typing (or inserting) `text` at `at`."""
+    breaks = len(split_lines(text)) - 1
+    if not breaks:
+        return Cursor(at.line, at.index + len(text))
+    return Cursor(at.line + breaks, len(split_lines(text)[-1]))

@@ -1,6 +1,6 @@
 """From generated text to what the editor shows: pure functions of text.
 
-Rules, in order: cut at stop texts; one line when the cursor sits before other text on its line,
+Rules, in order: cut at stop texts and at a NUL character; one line when the cursor sits before other text on its line,
 at most `max_lines` at the end of a line or on an empty line, except that a statement typed
 partly (text before the cursor) is only completed to its end unless that line opens a block or
 goes on (ends in `:`, an open bracket, a comma, a backslash, `=>` or `->`, before or after the
@@ -60,7 +60,8 @@ def postprocess(
 ) -> Completion | None:
     """The completion to show for `generated` at a cursor between `line_before` and `line_after`,
     or None when nothing useful is left."""
-    text = cut_at_stops(generated, stops)
+    # A NUL is no code (a broken model's bytes); inserted, it would make the document binary.
+    text = cut_at_stops(generated, stops).split("\x00", 1)[0]
     multiline = is_multiline_position(line_after)
     lines = text.split("\n")
     lines = lines[:max(max_lines, 1) if multiline else 1]

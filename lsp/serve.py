@@ -6,6 +6,7 @@ workspace/didChangeConfiguration override them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import EXIT_USAGE, add_model_arguments, model_flags
@@ -35,7 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=2087, help="TCP port (default 2087; 0: any free)")
     add_model_arguments(p)
     add_setting_arguments(p)
-    p.add_argument("--debounce-ms", type=int, metavar="MS")
+    p.add_argument("--debounce-ms", type=int, metavar="MS",
+                   help=f"longest wait before a request runs the model (default {Settings.debounce_ms})")
+    p.add_argument("--debounce-min-ms", type=int, metavar="MS",
+                   help="shortest wait: the wait adapts to the typing rhythm and the model's "
+                        f"latency between the two (default {Settings.debounce_min_ms})")
+    p.add_argument("--no-anticipate", action="store_true",
+                   help="compute completions only when asked (not after a suggestion is shown, "
+                        "where the cursor rests, or after a timeout)")
     p.add_argument("--chat-model", help="checkpoint for chat (default: the completion model)")
     p.add_argument("--chat-max-new-tokens", type=int, metavar="N",
                    help=f"longest chat reply in tokens (default {Settings.chat_max_new_tokens})")
@@ -57,6 +65,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "temperature": args.temperature, "contextTokens": args.context_tokens,
         "template": args.template, "timeoutMs": args.timeout_ms,
         "debounceMs": getattr(args, "debounce_ms", None),
+        "debounceMinMs": getattr(args, "debounce_min_ms", None),
+        "anticipate": False if getattr(args, "no_anticipate", False) else None,
         "chatModel": getattr(args, "chat_model", None),
         "chatMaxNewTokens": getattr(args, "chat_max_new_tokens", None),
         "statsFile": getattr(args, "stats_file", None),
@@ -66,6 +76,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # OpenMP threads that spin between parallel regions (the default, ACTIVE for a while) made
+    # the server's requests 2.5-3x slower on a 2-core machine busy with other work (a 1000-token
+    # request of the 160M benchmark model: 14-17 s against 5-6 s passive, interleaved runs; the
+    # tiny test model's: 2-23 s against 0.2-0.3 s). An editor's helper shares the machine: wait
+    # passively unless the user chose otherwise. Read by the OpenMP runtime when torch loads it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .process import configure_logging, serve_stdio, serve_tcp
     from .server import StableLMServer
 

@@ -9,6 +9,10 @@ items.py, and the process around a connection (logging, signals, stdio/TCP) proc
 
 - documents live in documents.DocumentStore: URIs that are not open are never read from disk,
   edits for unknown documents and stale versions are ignored, bad edit ranges are refused;
+- every edit is recorded in the context ring (inference/prompts/ring.py), whose chunks other
+  documents' prompts get as context; `stablelm/didFocus` (the cursor rests) and shown
+  suggestions let the server prepare the next completion before it is asked for
+  (anticipation.py);
 - server-to-client requests (`window/workDoneProgress/create`, `workspace/configuration`) are
   never awaited without a timeout.
 """
@@ -29,17 +33,18 @@ from stablelm_lsp.inference.api import GenerationError
 from stablelm_lsp.inference.errors import EngineError
 from stablelm_lsp.inference.load import load_backend
 from stablelm_lsp.inference.prompts.fim import ContextFile, TemplateError
+from stablelm_lsp.inference.prompts.ring import EditRing
 
 from .backends import BackendManager, Loader
 from .chat import (CHAT_COMMAND, CHAT_DELTA_NOTIFICATION, ChatModels, ChatService, DocumentContext,
                    parse_params)
 from .completion import Completer
-from .documents import Document, DocumentStore, PositionEncoding, relative_path
+from .documents import Cursor, Document, DocumentStore, PositionEncoding, relative_path
 from .items import ACCEPTED_COMMAND, SERVER_NAME, completion_item, inline_item
 from .process import exit_now
 from .progress import CLIENT_REQUEST_TIMEOUT_S, LoadProgress, capability
 from .protocol import REQUEST_FAILED, StableLMProtocol
-from .session import CompletionSessions
+from .session import CHOICES, CompletionSessions
 from .settings import SECTION, Settings, SettingsError
 from .stats import Stats
 from .transport import run_connection
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STATUS_NOTIFICATION = "stablelm/status"
 STATUS_COMMAND = "stablelm.status"
+FOCUS_NOTIFICATION = "stablelm/didFocus"
 EXIT_WAIT_S = 1.0                  # how long an exiting server waits for a model load to stop
 MAX_CONTEXT_FILES = 8              # other open documents offered as prompt context
 
@@ -70,6 +76,7 @@ class StableLMServer(LanguageServer):
         self.settings = settings
         self.documents = DocumentStore()
         self.sessions = CompletionSessions(self.documents)
+        self.ring = EditRing()
         self.encoding = PositionEncoding.UTF16
         self.backends = BackendManager(self._on_status, self._on_progress, loader)
         self.completer: Completer | None = None
@@ -177,6 +184,7 @@ class StableLMServer(LanguageServer):
         self.command(STATUS_COMMAND)(_handler(self._status_command))
         self.command(ACCEPTED_COMMAND)(_handler(self._accepted_command))
         self.command(CHAT_COMMAND)(_handler(self._chat_command))
+        self.feature(FOCUS_NOTIFICATION)(_handler(self._on_did_focus))
 
     def _on_initialize(self, params: types.InitializeParams) -> None:
         encoding = ServerCapabilitiesBuilder.choose_position_encoding(params.capabilities)
@@ -317,6 +325,8 @@ class StableLMServer(LanguageServer):
                 end = doc.cursor(change.range.end.line, change.range.end.character, self.encoding)
                 if not self.sessions.edit(doc, start, end, change.text, version):
                     return
+                if not doc.binary:
+                    self.ring.record(uri, doc.language_id, doc.lines, start.line)
             else:
                 self.sessions.replace_all(doc, change.text, version)
 
@@ -328,34 +338,39 @@ class StableLMServer(LanguageServer):
     # -- completion ----------------------------------------------------------------------------
 
     async def _on_inline_completion(self, params: types.InlineCompletionParams):
-        answer = await self.complete_at(params.text_document.uri, params.position)
+        # An explicit request (the user asked, or cycles through items) gets choices.
+        invoked = params.context.trigger_kind == types.InlineCompletionTriggerKind.Invoked
+        answer = await self.complete_at(params.text_document.uri, params.position,
+                                        choices=CHOICES if invoked else 1)
         if answer is None:
             return types.InlineCompletionList(items=[])
-        completion, cursor, doc, completion_id = answer
+        suggestions, cursor, doc = answer
         return types.InlineCompletionList(items=[
-            inline_item(completion, cursor, doc, self.encoding, completion_id)])
+            inline_item(s.completion, cursor, doc, self.encoding, s.id) for s in suggestions])
 
     async def _on_completion(self, params: types.CompletionParams):
         answer = await self.complete_at(params.text_document.uri, params.position)
         if answer is None:
             return types.CompletionList(is_incomplete=True, items=[])
-        completion, cursor, doc, completion_id = answer
+        (suggestion, *_), cursor, doc = answer
         # Incomplete: the client asks again as the user types, which type-through answers.
         return types.CompletionList(is_incomplete=True, items=[
-            completion_item(completion, cursor, doc, self.encoding, completion_id)])
+            completion_item(suggestion.completion, cursor, doc, self.encoding, suggestion.id)])
 
-    async def complete_at(self, uri: str, position: types.Position):
-        """(completion, cursor, document, id) or None: the shared path of both requests."""
+    async def complete_at(self, uri: str, position: types.Position, choices: int = 1):
+        """(suggestions, cursor, document) or None: the shared path of both requests."""
         doc = self.documents.get(uri)
         completer = self.completer
         if not self.settings.enabled or doc is None or doc.binary or doc.out_of_sync \
                 or completer is None:
             return None
         cursor = doc.cursor(position.line, position.character, self.encoding)
+        settings = self.settings
         try:
-            answer = await self.sessions.complete(doc, cursor, completer,
-                                                  debounce_s=self.settings.debounce_ms / 1000,
-                                                  sources=self._prompt_sources)
+            answer = await self.sessions.complete(
+                doc, cursor, completer, sources=self._prompt_sources, choices=choices,
+                debounce_s=(settings.debounce_min_ms / 1000, settings.debounce_ms / 1000),
+                anticipate=settings.anticipate)
         except EngineError as exc:      # a remote engine's fault: in the status, not per request
             log.debug("no completion for %s: %s", uri, exc)
             return None
@@ -364,14 +379,15 @@ class StableLMServer(LanguageServer):
         if answer is None:
             return None
         if answer.result is not None:
-            self._record_run(uri, answer.result)
-            if answer.completion is not None:
-                self.stats.record_shown(answer.completion_id)
-        if answer.completion is None:
+            if not answer.prepared:
+                self._record_run(uri, answer.result, answer.context_paths)
+            for suggestion in answer.suggestions:
+                self.stats.record_shown(suggestion.id)
+        if not answer.suggestions:
             return None
-        return answer.completion, cursor, doc, answer.completion_id
+        return answer.suggestions, cursor, doc
 
-    def _record_run(self, uri: str, result) -> None:
+    def _record_run(self, uri: str, result, context_paths: tuple[str, ...]) -> None:
         self._runs += 1
         self.last_run = {"run": self._runs, "promptTokens": result.prompt_tokens,
                          "reusedTokens": result.reused_tokens,
@@ -379,17 +395,22 @@ class StableLMServer(LanguageServer):
                          "draftedTokens": result.drafted_tokens,
                          "acceptedTokens": result.accepted_tokens,
                          "finishReason": result.finish_reason,
-                         "elapsedMs": round(result.elapsed_s * 1000, 1)}
+                         "elapsedMs": round(result.elapsed_s * 1000, 1),
+                         "contextFiles": list(context_paths)}
         log.debug("completion %s: %s", uri, self.last_run)
 
-    def _prompt_sources(self, doc: Document) -> tuple[str, str, list[ContextFile]]:
-        """(path, repository name, context files) for `doc`'s prompt: the other open documents
-        in the same language, most recently opened last."""
+    def _prompt_sources(self, doc: Document, lines, cursor: Cursor
+                        ) -> tuple[str, str, list[ContextFile]]:
+        """(path, repository name, context files) for a prompt at `cursor` in `doc` (as `lines`):
+        the heads of the other open documents in the same language, most recently opened last,
+        then the context ring's chunks for the cursor, most relevant last."""
         path, repo = self.workspace_path(doc.uri)
         others = [d for d in self.documents
                   if d is not doc and not d.binary and not d.out_of_sync
                   and d.language_id == doc.language_id]
         files = [ContextFile(self.workspace_path(d.uri)[0], d.lines) for d in others[-MAX_CONTEXT_FILES:]]
+        chunks = self.ring.select(doc.uri, doc.language_id, lines, cursor.line)
+        files += [chunk.context_file(self.workspace_path(chunk.uri)[0]) for chunk in chunks]
         return path, repo, files
 
     def workspace_path(self, uri: str) -> tuple[str, str]:
@@ -402,13 +423,45 @@ class StableLMServer(LanguageServer):
     # -- commands ------------------------------------------------------------------------------
 
     def _status_command(self, *args) -> dict:
+        delay = self.sessions.debounce.last_delay_s
         return {**self.backends.status, **self.stats.snapshot(),
-                "statsFile": str(self.stats.path), "lastRun": self.last_run}
+                "statsFile": str(self.stats.path), "lastRun": self.last_run,
+                "counters": self.sessions.counters.as_json(),
+                "debounceMs": None if delay is None else round(delay * 1000, 1)}
 
     def _accepted_command(self, *args) -> dict:
         if len(args) != 1 or not isinstance(args[0], dict) or not isinstance(args[0].get("id"), str):
             raise JsonRpcInvalidParams(f'{ACCEPTED_COMMAND} takes one argument: {{"id": string}}')
-        return {"counted": self.stats.record_accepted(args[0]["id"])}
+        counted = self.stats.record_accepted(args[0]["id"])
+        uri = self.sessions.document_of(args[0]["id"])
+        doc = self.documents.get(uri) if uri else None
+        if counted and doc is not None and self._may_anticipate(doc):
+            self.sessions.accepted(doc, self.completer, self._prompt_sources)
+        return {"counted": counted}
+
+    def _on_did_focus(self, params) -> None:
+        """`stablelm/didFocus {uri, position}`: the cursor rests there (the editors send it on
+        cursor idle and on switching documents). Prepares that position's completion."""
+        try:
+            uri, line, character = params.uri, params.position.line, params.position.character
+            if not (isinstance(uri, str) and isinstance(line, int) and isinstance(character, int)):
+                raise TypeError
+        except (AttributeError, TypeError):
+            log.warning("%s needs {uri: string, position: {line, character}}: ignored",
+                        FOCUS_NOTIFICATION)
+            return
+        doc = self.documents.get(uri)
+        if doc is None or not self._may_anticipate(doc):
+            return
+        cursor = doc.cursor(line, character, self.encoding)
+        try:
+            self.sessions.focus(doc, cursor, self.completer, self._prompt_sources)
+        except (GenerationError, TemplateError) as exc:
+            log.warning("%s: no completion prepared at %s: %s", uri, cursor, exc)
+
+    def _may_anticipate(self, doc: Document) -> bool:
+        return (self.settings.enabled and self.settings.anticipate and self.completer is not None
+                and not doc.binary and not doc.out_of_sync)
 
     async def _chat_command(self, *arguments) -> dict:
         return await self.chat.chat(parse_params(arguments), self.protocol.cancel_event())

@@ -38,7 +38,8 @@ class Settings:
     max_lines: int = 8                # lines of a multi-line completion
     temperature: float = 0.0
     context_tokens: int = 1536        # prompt budget; clamped to what the model's positions allow
-    debounce_ms: int = 75
+    debounce_ms: int = 75             # the longest wait before a request runs the model
+    debounce_min_ms: int = 0          # the shortest (lsp/debounce.py adapts between the two)
     timeout_ms: int = 5000            # generation time budget per request
     chat_model: str | None = None     # read by the chat module; None: the completion model
     chat_max_new_tokens: int = CHAT_MAX_NEW_TOKENS   # longest chat reply (read by the chat module)
@@ -47,6 +48,7 @@ class Settings:
     stats_file: str | None = None     # None: $XDG_STATE_HOME/stablelm-lsp/stats.json
     prefix_cache: bool = True         # reuse the KV cache across requests (off only to measure)
     speculation: bool = True          # verify drafts (previous completion, n-grams) in one pass
+    anticipate: bool = True           # compute completions before they are asked for (anticipation.py)
     attention: str = "auto"           # auto | sdpa | flash | cpu (inference/attention.py)
     linear: str = "auto"              # auto (measured) or one forced kernel (inference/linear.py)
     decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
@@ -110,7 +112,7 @@ _JSON_NAMES = {_camel(name): name for name in _FIELDS}
 _RANGES = {
     "max_new_tokens": (1, 4096), "max_lines": (1, 1000), "context_tokens": (16, 1 << 20),
     "chat_max_new_tokens": (1, 32768),
-    "debounce_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
+    "debounce_ms": (0, 10_000), "debounce_min_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
 _CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),

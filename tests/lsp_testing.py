@@ -17,6 +17,22 @@ from pytest_lsp import LanguageClient, make_test_lsp_client
 
 TIMEOUT_S = 60.0
 
+# A small Python file the end-to-end tests open (positions in the tests refer to it).
+SOURCE = '''import os
+
+
+def read_config(path):
+    """Read a configuration file and return its lines."""
+    with open(path) as f:
+        return [line.strip() for line in f]
+
+
+def main():
+    lines = read_config(os.environ["CONFIG"])
+    for line in lines:
+        print(line)
+'''
+
 
 def server_command(model: Path, *flags: str) -> list[str]:
     """No debounce and no time budget by default: answers must not depend on the machine's load."""

@@ -295,3 +295,57 @@ def test_evaluate_rejects_a_missing_checkpoint(tmp_path):
                            "--max-files", "12", "--held-out", "0.3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("evaluate: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _package_tree(root: Path) -> Path:
+    """A package whose modules use the names a sibling module defines."""
+    package = root / "pkg"
+    package.mkdir(parents=True)
+    (package / "geometry.py").write_text(
+        "def circle_area(radius):\n    return 3.14159 * radius * radius\n\n\n"
+        "def square_area(side):\n    return side * side\n")
+    for i in range(8):
+        (package / f"use_{i}.py").write_text(
+            "from .geometry import circle_area, square_area\n\n\n"
+            f"def total_{i}(values):\n    area = 0\n    for value in values:\n"
+            "        area += circle_area(value) + square_area(value)\n    return area\n")
+    return root
+
+
+def test_repository_cases_use_a_siblings_names_and_the_ring_holds_the_definition(tmp_path):
+    sys.path.insert(0, str(TRAINING))
+    try:
+        import evaluate
+        from train_builtin import collect_sources, split_sources
+    finally:
+        sys.path.remove(str(TRAINING))
+    sources = collect_sources(_package_tree(tmp_path))
+    _, held = split_sources(sources, 0.5)
+    cases = evaluate.repository_cases(sources, held, 100, seed=0)
+    held_uses = [p for p, _ in held if "use_" in p]
+    assert held_uses and len(cases) == 2 * len(held_uses)      # the import and the sum, per file
+    texts = dict(sources)
+    for k, case in enumerate(cases):
+        assert case.sibling == "pkg/geometry.py" and case.name in ("circle_area", "square_area")
+        assert case.name in texts[case.path].splitlines()[case.line]
+        assert texts[case.sibling].splitlines()[case.definition] == f"def {case.name}({'radius' if case.name == 'circle_area' else 'side'}):"
+        folder = {p: t for p, t in sources if p.startswith("pkg/")}
+        ring = evaluate.session_ring(case, folder, __import__("random").Random(k))
+        chunks = ring.select(f"file:///{case.path}", "python", texts[case.path].splitlines(True), case.line)
+        assert any(f"def {case.name}(" in "".join(c.lines) for c in chunks)
+        assert all(c.uri != f"file:///{case.path}" for c in chunks)
+
+
+def test_evaluate_script_reports_the_repository_cases(tiny_trained, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(TRAINING / "evaluate.py"), "--model", str(tiny_trained),
+         "--data-root", str(_package_tree(tmp_path)), "--held-out", "0.5", "--cases", "0",
+         "--ppl-max-tokens", "0", "--repo-cases", "3", "--max-new-tokens", "8"],
+        check=True, capture_output=True, text=True, timeout=120)
+    repo = json.loads(proc.stdout.strip().splitlines()[-1])["repository"]
+    assert repo["cases"] == 3 and repo["packages"] == 1
+    for setting in ("line_start", "mid_line"):
+        assert set(repo[setting]["exact_match"]) == {"no other file", "sibling open (its head)",
+                                                     "ring (sibling closed)", "sibling open + ring"}
+        assert repo[setting]["definition_in_prompt"]["no other file"] == 0
+    assert "repository-level infilling: 3 hidden lines" in proc.stdout

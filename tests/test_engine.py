@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from stablelm_lsp.inference.api import GenerationError
+from stablelm_lsp.inference.api import PRIORITY_BACKGROUND, GenerationError
 from stablelm_lsp.inference.engine import Engine
 from stablelm_lsp.inference.errors import (BudgetTooSmall, EmptyPrompt, InvalidParameter,
                                            PromptTooLong, TokenOutOfRange)
@@ -351,3 +351,85 @@ def test_a_completion_runs_between_the_steps_of_a_longer_chat_reply(stablelm, re
         slots_consistent(engine)
     assert chat.token_ids == fresh(reference_engine, chat_ids, max_new_tokens=12).token_ids
     assert results["doc"].token_ids == fresh(reference_engine, doc_ids, max_new_tokens=5).token_ids
+
+
+def in_thread(results: dict, name: str, call) -> threading.Thread:
+    """Runs `call()` in a new thread, its result going to `results[name]`."""
+    thread = threading.Thread(target=lambda: results.__setitem__(name, call()))
+    thread.start()
+    return thread
+
+
+class ForwardLog:
+    """Records which request (by key) each forward pass of `engine` runs for, and holds the
+    `hold_at`-th pass of `held_key` until released: a request can then be queued while that pass
+    is in progress."""
+
+    def __init__(self, engine: Engine, held_key: str, hold_at: int):
+        self.keys: list[str] = []
+        self.in_pass = threading.Event()
+        self.release = threading.Event()
+        forward = engine._forward
+
+        def logged(slot, ids, all_rows=False):
+            self.keys.append(slot.key)
+            if slot.key == held_key and self.keys.count(held_key) == hold_at:
+                self.in_pass.set()
+                assert self.release.wait(10)
+            return forward(slot, ids, all_rows)
+
+        engine._forward = logged
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_background_work_delays_a_request_by_at_most_the_pass_in_progress(stablelm, reference_engine,
+                                                                           phase):
+    rng = random.Random(31)
+    vocab = stablelm.config.vocab_size
+    # prefill: a long background prompt held in its 3rd chunk; decode: held in its 6th token
+    bg_ids = random_ids(rng, 8 * CHUNK if phase == "prefill" else 20, vocab)
+    fg_ids = random_ids(rng, 50, vocab)
+    with Engine(stablelm, prefill_chunk=CHUNK, draft_tokens=0) as engine:
+        log = ForwardLog(engine, "bg", 3 if phase == "prefill" else 6)
+        results = {}
+        background = in_thread(results, "bg", lambda: engine.generate(
+            bg_ids, max_new_tokens=12, key="bg", priority=PRIORITY_BACKGROUND))
+        assert log.in_pass.wait(10)
+        foreground = in_thread(results, "fg", lambda: engine.generate(
+            fg_ids, max_new_tokens=5, key="fg"))
+        while engine.scheduler.pending < 2:     # the request is queued behind the held pass
+            time.sleep(0.001)
+        held = len(log.keys) - 1
+        log.release.set()
+        foreground.join(10)
+        background.join(10)
+        # right after the pass in progress, every pass of the request, then the background again
+        fg_passes = [i for i, key in enumerate(log.keys) if key == "fg"]
+        assert fg_passes[0] == held + 1 and fg_passes == list(range(held + 1, fg_passes[-1] + 1))
+        assert log.keys[fg_passes[-1] + 1:] and set(log.keys[fg_passes[-1] + 1:]) == {"bg"}
+        slots_consistent(engine)
+    assert results["fg"].token_ids == fresh(reference_engine, fg_ids, max_new_tokens=5).token_ids
+    assert results["bg"].token_ids == fresh(reference_engine, bg_ids, max_new_tokens=12).token_ids
+
+
+def test_a_request_superseding_background_work_continues_its_prefill(stablelm, reference_engine):
+    rng = random.Random(32)
+    prompt = random_ids(rng, 8 * CHUNK, stablelm.config.vocab_size)
+    with Engine(stablelm, prefill_chunk=CHUNK) as engine:
+        log = ForwardLog(engine, "doc", 4)
+        results = {}
+        background = in_thread(results, "bg", lambda: engine.generate(
+            prompt, max_new_tokens=8, key="doc", priority=PRIORITY_BACKGROUND))
+        assert log.in_pass.wait(10)
+        foreground = in_thread(results, "fg", lambda: engine.generate(
+            prompt + [9], max_new_tokens=5, key="doc"))
+        while not results.get("bg") and engine.scheduler.pending < 2:
+            time.sleep(0.001)
+        log.release.set()
+        foreground.join(10)
+        background.join(10)
+        slots_consistent(engine)
+    assert results["bg"].finish_reason == "superseded"
+    # the four chunks the background request ran (the held one finished) are not run again
+    assert results["fg"].reused_tokens == 4 * CHUNK
+    assert results["fg"].token_ids == fresh(reference_engine, prompt + [9], max_new_tokens=5).token_ids

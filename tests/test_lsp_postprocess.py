@@ -13,6 +13,11 @@ def test_stop_texts_cut_the_completion():
     assert _pp("x = 1<file_sep>junk", stops=("<file_sep>", "<|endoftext|>")) == Completion("x = 1")
 
 
+def test_a_nul_character_ends_the_completion():
+    assert _pp("x = 1\x00\ufffdjunk") == Completion("x = 1")
+    assert _pp("\x00x") is None
+
+
 def test_one_line_when_the_cursor_sits_before_other_text():
     assert _pp("value, 2\nmore\nlines", before="f(", after=", end)") == Completion("value, 2")
     assert not is_multiline_position(", end)")

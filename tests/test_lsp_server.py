@@ -15,6 +15,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 
 from lsp_testing import (
+    SOURCE,
     TIMEOUT_S,
     change,
     inline,
@@ -32,20 +33,6 @@ from stablelm_lsp.inference.prompts.fim import build_prompt
 from stablelm_lsp.lsp.settings import Settings
 
 SPECIAL = starcoder_specials()
-SOURCE = '''import os
-
-
-def read_config(path):
-    """Read a configuration file and return its lines."""
-    with open(path) as f:
-        return [line.strip() for line in f]
-
-
-def main():
-    lines = read_config(os.environ["CONFIG"])
-    for line in lines:
-        print(line)
-'''
 
 
 # One server serves the tests that do not need a fresh process; each uses its own documents.

@@ -1,12 +1,15 @@
-"""The server's pure pieces: settings, stats, paths, item ranges, type-through memory, framing."""
+"""The server's pure pieces: settings, stats, paths, item ranges, type-through memory, the watch
+on an accept, the adaptive debounce, framing."""
 import json
 from pathlib import Path
 
 import pytest
 
 from stablelm_lsp.inference.load import describe_model
-from stablelm_lsp.lsp.completion import ShownCompletion
-from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding
+from stablelm_lsp.lsp.anticipation import AcceptWatch
+from stablelm_lsp.lsp.completion import ShownCompletion, Suggestion
+from stablelm_lsp.lsp.debounce import AdaptiveDebounce
+from stablelm_lsp.lsp.documents import Cursor, Document, PositionEncoding, split_lines
 from stablelm_lsp.lsp.postprocess import Completion
 from stablelm_lsp.lsp.documents import relative_path
 from stablelm_lsp.lsp.items import inline_item
@@ -139,15 +142,22 @@ def test_item_range_covers_replaced_closers_in_the_client_encoding():
 
 
 def test_type_through_memory_follows_matching_keys_only():
-    shown = ShownCompletion(Completion("return x", replace=1), Cursor(3, 4))
-    assert shown.observe_insert(Cursor(3, 4), Cursor(3, 4), "re")
-    assert shown.remainder(Cursor(3, 6)) == Completion("turn x", replace=1)
-    assert shown.remainder(Cursor(3, 5)) is None
-    assert not shown.observe_insert(Cursor(3, 6), Cursor(3, 6), "x")        # does not match
-    assert not ShownCompletion(Completion("ab"), Cursor(0, 0)).observe_insert(
-        Cursor(0, 0), Cursor(0, 1), "a")                                      # replaces text
-    done = ShownCompletion(Completion("ab"), Cursor(0, 0))
+    def shown(*texts, replace=0, at=Cursor(3, 4)):
+        return ShownCompletion([Suggestion(Completion(t, replace=replace)) for t in texts], at)
+
+    memory = shown("return x", replace=1)
+    (only,) = memory.suggestions
+    assert memory.observe_insert(Cursor(3, 4), Cursor(3, 4), "re")
+    assert memory.remainder(Cursor(3, 6)) == [Suggestion(Completion("turn x", replace=1), only.id)]
+    assert memory.remainder(Cursor(3, 5)) is None
+    assert not memory.observe_insert(Cursor(3, 6), Cursor(3, 6), "x")        # does not match
+    assert not shown("ab", at=Cursor(0, 0)).observe_insert(Cursor(0, 0), Cursor(0, 1), "a")  # replaces
+    done = shown("ab", at=Cursor(0, 0))
     assert done.observe_insert(Cursor(0, 0), Cursor(0, 0), "ab") and done.remainder(Cursor(0, 2)) is None
+    # Choices: typing keeps those it follows, in their order.
+    choices = shown("x + 1", "y * 2", "x - 1")
+    assert choices.observe_insert(Cursor(3, 4), Cursor(3, 4), "x")
+    assert [s.completion.text for s in choices.remainder(Cursor(3, 5))] == [" + 1", " - 1"]
 
 
 def _frame(body: bytes, length: int | None = None) -> bytes:
@@ -184,3 +194,44 @@ def test_a_large_body_arriving_in_small_chunks_is_scanned_once():
     for start in range(0, len(data), 1 << 16):
         frames += parser.feed(data[start:start + (1 << 16)])
     assert frames == [body]
+
+
+def test_an_accept_watch_follows_typing_and_accepting_in_any_shape_and_nothing_else():
+    def watch(lines, at, text, replace=0):
+        return AcceptWatch.of(lines, at, Completion(text, replace))
+
+    lines = split_lines("a = f()\nb\n")
+    closing = watch(lines, Cursor(0, 6), "x, y)", replace=1)
+    for edited in ("a = f(x, y)\n",        # accepted in one edit over the auto-inserted ")"
+                   "a = f(x)\n",           # typed partly
+                   "a = f(x, )\n",
+                   "a = f()\n"):           # typed and deleted again
+        assert closing.holds([edited, "b\n", ""], 0, 0), edited
+    assert not closing.holds(["a = f(z)\n", "b\n", ""], 0, 0)                # typed otherwise
+    assert not closing.holds(["a = f()\n", "c\n", ""], 1, 1)                 # another line
+    block = watch(split_lines("def f():\n    \nz"), Cursor(1, 4), "return 1\n    pass")
+    assert block.holds(split_lines("def f():\n    return 1\n    pass\nz"), 1, 1)    # accepted
+    assert block.holds(split_lines("def f():\n    return 1\n\nz"), 1, 1)          # typed to the break
+    assert block.holds(split_lines("def f():\n    return 1\n    pa\nz"), 2, 2)    # and on
+    assert not block.holds(split_lines("def f():\n    return 2\n\nz"), 1, 1)
+    assert not block.holds(split_lines("def f():\n    return 1\n    pass\ny"), 3, 3)
+
+
+def test_the_debounce_adapts_to_rhythm_and_latency_within_its_bounds():
+    now = [0.0]
+    debounce = AdaptiveDebounce(clock=lambda: now[0])
+    assert debounce.delay("a", 0.0, 0.075) == 0.075            # nothing measured: the upper bound
+    for _ in range(6):                                          # typing every 150 ms
+        now[0] += 0.15
+        debounce.edited("a")
+    debounce.ran(0.02)                                          # answers in 20 ms: no need to wait
+    assert debounce.delay("a", 0.01, 0.075) == 0.01
+    for _ in range(10):
+        debounce.ran(0.6)                                       # 600 ms: wait for a pause
+    assert debounce.delay("a", 0.01, 0.075) == 0.075            # about one gap, within the bounds
+    assert debounce.delay("a", 0.01, 0.3) == pytest.approx(0.15)
+    assert debounce.delay("b", 0.01, 0.3) == 0.3                # another document's rhythm unknown
+    now[0] += 5.0                                               # a pause is not rhythm
+    debounce.edited("a")
+    assert debounce.delay("a", 0.01, 0.3) == pytest.approx(0.15)
+    assert debounce.delay("a", 0.0, 0.0) == 0.0

@@ -22,7 +22,7 @@ from pygls.exceptions import JsonRpcRequestCancelled
 
 import llama_cpp_engine
 from checkpoints import SPECIAL_TOKENS
-from lsp_testing import TIMEOUT_S, change, inline, inline_params, status
+from lsp_testing import SOURCE, TIMEOUT_S, change, inline, inline_params, status
 from stablelm_lsp.inference.api import GenerationResult, prompt_text
 from stablelm_lsp.inference.prompts.budget import TokenCounter
 from stablelm_lsp.inference.prompts.chat import ChatMessage, prepare_turn
@@ -40,20 +40,6 @@ pytestmark = pytest.mark.skipif(llama_cpp_engine.missing() is not None,
                                 reason=str(llama_cpp_engine.missing()))
 asyncio_test = pytest.mark.asyncio(loop_scope="module")
 
-SOURCE = '''import os
-
-
-def read_config(path):
-    """Read a configuration file and return its lines."""
-    with open(path) as f:
-        return [line.strip() for line in f]
-
-
-def main():
-    lines = read_config(os.environ["CONFIG"])
-    for line in lines:
-        print(line)
-'''
 CURSORS = [(10, 12), (10, 25), (11, 8), (6, 15), (12, 14)]      # mid-line and line ends
 CHAT_TOKENS = 200
 SETTINGS = Settings(debounce_ms=0, timeout_ms=600_000, chat_max_new_tokens=CHAT_TOKENS)

@@ -137,6 +137,21 @@ async def test_typing_reuses_the_engines_cache(tmp_path, engines, tokenizer_dir)
             assert last["promptTokens"] - last["reusedTokens"] <= 3, last
 
 
+async def test_nothing_is_computed_ahead_on_a_remote_engine(tmp_path, engines, tokenizer_dir):
+    """A remote engine runs requests as they come, with no lower priority: the server prepares
+    nothing there (no request before it is asked for), and answers as before."""
+    engine = engines("llamacpp", reply="_config('a.cfg')")
+    async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir)) as (client, uri):
+        client.protocol.notify("stablelm/didFocus", {"uri": uri, "position": {"line": 4, "character": 0}})
+        (item,) = await inline(client, uri, *CURSOR)
+        assert item.insert_text == "_config('a.cfg')"
+        await client.workspace_execute_command_async(types.ExecuteCommandParams(
+            "stablelm.accepted", item.command.arguments))
+        counters = (await status(client))["counters"]
+        assert (counters["backgroundRuns"], counters["modelRuns"]) == (0, 1)
+        assert len(engine.completions()) == 1
+
+
 async def test_cancel_closes_the_engines_stream(tmp_path, engines, tokenizer_dir):
     engine = engines("vllm", reply="a" * 2000, piece_chars=1, delay_s=0.005)
     async with serving(tmp_path, engine.url, "--model", str(tokenizer_dir), "--max-new-tokens", "2000",

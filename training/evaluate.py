@@ -15,24 +15,41 @@ Two measurements, with baselines computed in the same run:
    frequent line of the training files that starts with the typed text; a baseline line that
    contradicts the typed text adds nothing to it.
 
+3. Repository-level infilling (`--repo-cases N`): hidden lines of held-out files that use a
+   name defined in a sibling file of their package (top-level function, class or variable of
+   exactly one other module in the same folder, not defined in the file itself), in a session
+   where that sibling was recently edited: the editor's context ring (inference/prompts/ring.py)
+   holds the edited region around the definition and two other edited regions of the package,
+   recorded in random order. Each line is completed with the sibling closed and no ring (the
+   prompt has no other file), with the sibling open (its head as context, what the server gave
+   before the ring), with the ring alone (the sibling closed after its edit), and with both, all
+   within the server's prompt budget; exact match and similarity as above, and how often the
+   definition reached the prompt.
+
 Prints a table to stdout, then one JSON line with every number.
 
     python training/evaluate.py                       # the built-in model, 300 cases
     python training/evaluate.py --token-healing both  # with and without healing, same cases
     python training/evaluate.py --model /path/to/checkpoint --cases 100 --ppl-max-tokens 50000
+    python training/evaluate.py --repo-cases 300 --cases 0 --ppl-max-tokens 0   # the ring only
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import bisect
+import builtins
 import dataclasses
 import difflib
 import json
+import keyword
 import math
+import posixpath
 import random
+import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -68,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dump", type=Path, default=None,
                     help="write every case (file, line, setting, target, each method's line) as JSON lines")
+    ap.add_argument("--repo-cases", type=int, default=0,
+                    help="repository-level infilling cases (lines using a sibling module's names, "
+                         "with and without the context ring); 0: none")
     return ap.parse_args(argv)
 
 
@@ -132,6 +152,175 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
 
+def hidden_line(lines: list[str], line_index: int, setting: str) -> tuple[list[str], int, str, str]:
+    """(document, cursor index in the line, typed text, target) for hiding line `line_index`.
+    What the user has typed of it: its indentation (where auto-indent leaves the cursor), or
+    that and the first half of its text ("mid-line")."""
+    content = lines[line_index].rstrip("\r\n")
+    target = content.strip()
+    indent = content[: len(content) - len(content.lstrip())]
+    typed = "" if setting == "line start" else target[: len(target) // 2]
+    document = lines[:line_index] + [indent + typed + "\n"] + lines[line_index + 1:]
+    return document, len(indent + typed), typed, target
+
+
+def complete_line(backend, completer, pending, heal: bool = True) -> tuple[str, str]:
+    """(the model's first line, the same after the server's post-processing) for `pending`:
+    single-line infilling, stopping at the newline whatever the cursor position allows."""
+    request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None,
+                                  time_budget_s=None, token_healing=heal)
+    result = backend.generate(request)
+    shown = completer.finish(pending, result)
+    return result.text.split("\n")[0], (shown.text.split("\n")[0] if shown else "")
+
+
+# -- repository-level cases ------------------------------------------------------------------
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_COMMON_NAMES = frozenset(dir(builtins)) | frozenset(keyword.kwlist)
+REPO_METHODS = ("no other file", "sibling open (its head)", "ring (sibling closed)",
+                "sibling open + ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepoCase:
+    path: str           # the held-out file
+    line: int           # the hidden line
+    name: str           # the sibling's name it uses
+    sibling: str        # the sibling's path
+    definition: int     # the definition's line in the sibling
+
+
+def top_level_definitions(text: str) -> dict[str, int]:
+    """Names a module defines at its top level (functions, classes, assigned names) -> line."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    found: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.setdefault(node.name, node.lineno - 1)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    found.setdefault(target.id, node.lineno - 1)
+    return found
+
+
+def names_bound(text: str) -> set[str]:
+    """Names a module binds itself anywhere (definitions, assignments, arguments); names it
+    imports are not its own."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return set()
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    return bound
+
+
+def repository_cases(sources: list[tuple[str, str]], held_files: list[tuple[str, str]], n: int,
+                     seed: int) -> list[RepoCase]:
+    """Lines of held-out files using a name that exactly one sibling module (same folder)
+    defines at its top level and the file does not bind itself; n drawn at random."""
+    folders: dict[str, dict[str, str]] = defaultdict(dict)
+    for path, text in sources:
+        folders[posixpath.dirname(path)][path] = text
+    eligible = []
+    for path, text in held_files:
+        siblings = {p: t for p, t in folders[posixpath.dirname(path)].items() if p != path}
+        defined: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for sibling, sibling_text in siblings.items():
+            for name, line in top_level_definitions(sibling_text).items():
+                defined[name].append((sibling, line))
+        own = names_bound(text)
+        usable = {name: where[0] for name, where in defined.items()
+                  if len(where) == 1 and len(name) >= 4 and name not in own
+                  and name not in _COMMON_NAMES}
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            names = [word for word in _NAME.findall(line) if word in usable]
+            if names:
+                sibling, definition = usable[names[0]]
+                eligible.append(RepoCase(path, i, names[0], sibling, definition))
+    rng = random.Random(seed)
+    return sorted(rng.sample(eligible, min(n, len(eligible))), key=lambda c: (c.path, c.line))
+
+
+def session_ring(case: RepoCase, folder: dict[str, str], rng: random.Random):
+    """The context ring of a session that edited the sibling around the definition and two other
+    places of the package, in random order."""
+    from stablelm_lsp.inference.prompts.ring import EditRing
+
+    edits = [(case.sibling, case.definition)]
+    others = sorted(p for p in folder if p != case.path)
+    for _ in range(2):
+        other = rng.choice(others)
+        edits.append((other, rng.randrange(len(folder[other].splitlines()) or 1)))
+    rng.shuffle(edits)
+    ring = EditRing()
+    for path, line in edits:
+        ring.record(f"file:///{path}", "python", folder[path].splitlines(keepends=True), line)
+    return ring
+
+
+def evaluate_repository(backend, completer, sources, held_files, n: int, seed: int) -> dict:
+    """The repository-level cases, each line completed with each of REPO_METHODS' contexts."""
+    from stablelm_lsp.inference.prompts.fim import ContextFile
+    from stablelm_lsp.lsp.documents import Cursor
+
+    folders: dict[str, dict[str, str]] = defaultdict(dict)
+    for path, text in sources:
+        folders[posixpath.dirname(path)][path] = text
+    cases = repository_cases(sources, held_files, n, seed)
+    exact = {setting: Counter() for setting in SETTINGS}
+    sim = {setting: Counter() for setting in SETTINGS}
+    reached = {setting: Counter() for setting in SETTINGS}
+    fim_prefix = backend.info.special.fim_prefix or ""
+    started = time.time()
+    for k, case in enumerate(cases):
+        folder = folders[posixpath.dirname(case.path)]
+        lines = folder[case.path].splitlines(keepends=True)
+        sibling_lines = folder[case.sibling].splitlines(keepends=True)
+        definition = sibling_lines[case.definition].strip()
+        ring = session_ring(case, folder, random.Random(seed * 1_000_003 + k))
+        for setting in SETTINGS:
+            document, index, typed, target = hidden_line(lines, case.line, setting)
+            chunks = ring.select(f"file:///{case.path}", "python", document, case.line)
+            ring_files = [c.context_file(c.uri.removeprefix("file:///")) for c in chunks]
+            head = ContextFile(case.sibling, sibling_lines)
+            contexts = dict(zip(REPO_METHODS, ([], [head], ring_files, [head, *ring_files])))
+            for name, files in contexts.items():
+                pending = completer.prepare(document, Cursor(case.line, index), path=case.path,
+                                            context_files=files)
+                _, shown = complete_line(backend, completer, pending)
+                guess = (typed + shown).strip()
+                exact[setting][name] += guess == target
+                sim[setting][name] += similarity(guess, target)
+                context = pending.prompt.text.split(fim_prefix)[0] if fim_prefix else ""
+                reached[setting][name] += bool(definition) and definition in context
+    done = max(len(cases), 1)
+    return {
+        "cases": len(cases), "files": len({c.path for c in cases}),
+        "packages": len({posixpath.dirname(c.path) for c in cases}),
+        "seconds": round(time.time() - started, 1),
+        **{setting.replace(" ", "_").replace("-", "_"): {
+            "exact_match": {m: round(exact[setting][m] / done, 4) for m in REPO_METHODS},
+            "similarity": {m: round(sim[setting][m] / done, 4) for m in REPO_METHODS},
+            "definition_in_prompt": {m: round(reached[setting][m] / done, 4) for m in REPO_METHODS},
+        } for setting in SETTINGS},
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,7 +344,8 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
 
-    ppl = held_out_perplexity(backend.loaded, held_files, args.ppl_max_tokens)
+    ppl = held_out_perplexity(backend.loaded, held_files, args.ppl_max_tokens) \
+        if args.ppl_max_tokens != 0 else None
     ppl_s = time.time() - started
 
     settings = Settings(max_new_tokens=args.max_new_tokens, max_lines=1, temperature=0.0,
@@ -179,24 +369,13 @@ def main(argv=None) -> int:
         path, text = held_files[file_index]
         lines = text.splitlines(keepends=True)
         content = [line.rstrip("\r\n") for line in lines]
-        target_line = content[line_index]
-        target = target_line.strip()
-        indent = target_line[: len(target_line) - len(target_line.lstrip())]
         for setting in SETTINGS:
-            # What the user has typed of the hidden line: its indentation (where auto-indent leaves
-            # the cursor), or that and the first half of its text.
-            typed = "" if setting == "line start" else target[: len(target) // 2]
-            document = lines[:line_index] + [indent + typed + "\n"] + lines[line_index + 1:]
-            pending = completer.prepare(document, Cursor(line_index, len(indent + typed)), path=path)
+            document, index, typed, target = hidden_line(lines, line_index, setting)
+            pending = completer.prepare(document, Cursor(line_index, index), path=path)
             guesses = []
             for heal in healing:
-                # Single-line infilling: stop at the newline whatever the cursor position allows.
-                request = dataclasses.replace(pending.request, stop=("\n",), max_lines=None,
-                                              time_budget_s=None, token_healing=heal)
-                result = backend.generate(request)
-                shown = completer.finish(pending, result)
-                guesses += [typed + result.text.split("\n")[0],
-                            typed + (shown.text.split("\n")[0] if shown else "")]
+                raw, shown = complete_line(backend, completer, pending, heal)
+                guesses += [typed + raw, typed + shown]
             guesses += [
                 # Baselines propose a whole line; one that contradicts the typed text adds nothing.
                 *(guess if guess.startswith(typed) else typed for guess in (
@@ -212,6 +391,8 @@ def main(argv=None) -> int:
                                        "guesses": {n: g.strip() for n, g in zip(methods, guesses)}}) + "\n")
         done += 1
     gen_s = time.time() - gen_started
+    repo = evaluate_repository(backend, completer, sources, held_files, args.repo_cases, args.seed) \
+        if args.repo_cases else None
     backend.close()
     if dump:
         dump.close()
@@ -222,25 +403,41 @@ def main(argv=None) -> int:
     info = backend.info
     print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}")
     print(f"held-out files: {len(held_files)} of {len(sources)} (by-file split, {args.held_out:.0%})")
-    print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
-          f"(loss {ppl['loss']:.3f}, {ppl['bits_per_char']:.3f} bits/char), {ppl_s:.0f} s")
-    print(f"single-line infilling, {done} hidden lines from held-out files, each with the cursor at the "
-          f"line start (after the indentation) and mid-line (half its text typed); "
-          f"{gen_s:.0f} s, {1000 * gen_s / max(done * len(SETTINGS) * len(healing), 1):.0f} ms/completion")
-    print(f"  {'method':<32}" + "".join(f" {setting + ' exact':>17} {'similarity':>10}" for setting in SETTINGS))
-    for name in methods:
-        print(f"  {name:<32}" + "".join(f" {rate(exact[s], name):>17.1%} {rate(sim[s], name):>10.3f}"
-                                        for s in SETTINGS))
+    if ppl is not None:
+        print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
+              f"(loss {ppl['loss']:.3f}, {ppl['bits_per_char']:.3f} bits/char), {ppl_s:.0f} s")
+    if done:
+        print(f"single-line infilling, {done} hidden lines from held-out files, each with the cursor "
+              f"at the line start (after the indentation) and mid-line (half its text typed); "
+              f"{gen_s:.0f} s, {1000 * gen_s / max(done * len(SETTINGS) * len(healing), 1):.0f} ms/completion")
+        print(f"  {'method':<32}" + "".join(f" {setting + ' exact':>17} {'similarity':>10}" for setting in SETTINGS))
+        for name in methods:
+            print(f"  {name:<32}" + "".join(f" {rate(exact[s], name):>17.1%} {rate(sim[s], name):>10.3f}"
+                                            for s in SETTINGS))
+    if repo is not None:
+        print(f"repository-level infilling: {repo['cases']} hidden lines of {repo['files']} held-out "
+              f"files in {repo['packages']} packages, each using a name a sibling module defines; "
+              f"the sibling edited around the definition, with two other edits, in the context "
+              f"ring; prompt budget {completer.context_tokens} tokens; {repo['seconds']:.0f} s")
+        print(f"  {'context':<26}" + "".join(f" {setting + ' exact':>17} {'similarity':>10} "
+                                            f"{'definition':>10}" for setting in SETTINGS))
+        for name in REPO_METHODS:
+            row = [repo[setting.replace(" ", "_").replace("-", "_")] for setting in SETTINGS]
+            print(f"  {name:<26}" + "".join(
+                f" {r['exact_match'][name]:>17.1%} {r['similarity'][name]:>10.3f}"
+                f" {r['definition_in_prompt'][name]:>10.0%}" for r in row))
     summary = {
         "model": info.name, "path": info.path, "held_out_files": len(held_files),
-        "perplexity": round(ppl["perplexity"], 3), "loss": round(ppl["loss"], 4),
-        "bits_per_char": round(ppl["bits_per_char"], 4), "perplexity_tokens": ppl["tokens"],
+        **({"perplexity": round(ppl["perplexity"], 3), "loss": round(ppl["loss"], 4),
+            "bits_per_char": round(ppl["bits_per_char"], 4), "perplexity_tokens": ppl["tokens"]}
+           if ppl is not None else {}),
         "cases": done, "seed": args.seed, "token_healing": args.token_healing,
         **{setting.replace(" ", "_").replace("-", "_"): {
             "exact_match": {name: round(rate(exact[setting], name), 4) for name in methods},
             "similarity": {name: round(rate(sim[setting], name), 4) for name in methods},
         } for setting in SETTINGS},
         "ms_per_completion": round(1000 * gen_s / max(done * len(SETTINGS) * len(healing), 1), 1),
+        **({"repository": repo} if repo is not None else {}),
     }
     print(json.dumps(summary))
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ..api import GenerationRequest, ModelInfo, PromptPart, prompt_text
+from ..api import PRIORITY_CHAT, GenerationRequest, ModelInfo, PromptPart, prompt_text
 from ..lru import LRU
 from .budget import CountText, CountTokens, excerpt, take_forwards, text_counter
 from .chat_template import ChatFormatError, ChatMessage, ChatTemplate
@@ -92,7 +92,7 @@ def prepare_turn(info: ModelInfo, messages: Sequence[ChatMessage], *,
     kept = system + prompt.conversation[prompt.first_kept:]
     request = GenerationRequest(prompt_parts=prompt.parts, max_new_tokens=max_new_tokens,
                                 temperature=temperature, stop=template.stop_texts, key=key,
-                                token_healing=False, priority=1,
+                                token_healing=False, priority=PRIORITY_CHAT,
                                 messages=tuple((m.role, m.content) for m in kept))
     return prompt, request
 

@@ -7,8 +7,9 @@ document text, paths and the repository name are plain, so special-token text in
 
 The layout keeps the engine's KV cache valid while the user types:
 
-    [context: other open files, stable]  [prefix: lines before the cursor line]
-    [suffix: rest of the cursor line, following lines]  [middle marker + cursor line up to cursor]
+    [context: other files' heads and recently edited chunks (ring.py), stable]
+    [prefix: lines before the cursor line]  [suffix: rest of the cursor line, following lines]
+    [middle marker + cursor line up to cursor]
 
 Typing inside a line only appends to the last part. The prefix is cut at line boundaries, its first
 line always a multiple of `CHUNK_LINES`, and its token budget does not depend on the cursor line, so
@@ -21,14 +22,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..api import PromptPart, SpecialTokens, join_parts, prompt_text
-from .budget import (MAX_CHARS_PER_TOKEN, CountText, CountTokens, take_backwards, take_forwards,
-                     text_counter)
+from .budget import (MAX_CHARS_PER_TOKEN, CountText, CountTokens, excerpt, take_backwards,
+                     take_forwards, text_counter)
 from .lines import line_content
 
 CHUNK_LINES = 16           # prefix and context cuts fall on multiples of this many lines
 MIDDLE_SHARE = 1 / 8       # budget reserved for the cursor line, so typing never moves the prefix
 SUFFIX_SHARE = 0.2         # the suffix's guaranteed share; it gets more when the prefix is short
-CONTEXT_SHARE = 0.25       # at most this much for other open files
+CONTEXT_SHARE = 0.25       # at most this much for other files (heads and ring chunks)
 MIDDLE_CUT_STEP = 256      # a cursor line too long for its budget is cut at multiples of this
 NEXT_LINES = 8             # lines after the cursor line handed to post-processing
 
@@ -111,10 +112,13 @@ def default_template(special: SpecialTokens) -> PromptTemplate:
 
 @dataclass(frozen=True)
 class ContextFile:
-    """Another open file offered as context."""
+    """Another file offered as context: its head, or a chunk of it (the context ring, ring.py)."""
 
     path: str
     lines: Sequence[str]       # with terminators
+    # A chunk: the line it is about (an edit); when the budget is short, the lines nearest it
+    # are kept. None: the head of a file, cut at CHUNK_LINES boundaries.
+    around: int | None = None
 
 
 @dataclass(frozen=True)
@@ -227,8 +231,9 @@ def build_prompt(
 def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialTokens, repo: str,
                     count_tokens: CountTokens
                     ) -> tuple[tuple[PromptPart, ...], tuple[str, ...], int]:
-    """`<repo_name>repo<file_sep>path\\ncode...` for as many files (their heads, cut at chunk
-    boundaries) as `budget` holds, the most relevant (last) first -> (parts, paths, tokens)."""
+    """`<repo_name>repo<file_sep>path\\ncode...` for as many files (heads cut at chunk boundaries,
+    ring chunks around their edited line) as `budget` holds, the most relevant (last) first ->
+    (parts, paths, tokens)."""
     head = (PromptPart(special.repo_name, special=True), PromptPart(repo)) \
         if special.repo_name and repo else ()
     used = count_tokens(head)
@@ -239,11 +244,15 @@ def _render_context(files: Sequence[ContextFile], budget: int, special: SpecialT
         header_cost = count_tokens(header)
         if used + header_cost >= budget:
             break
-        end, cost = take_forwards(file.lines, 0, budget - used - header_cost, count_text,
-                                  CHUNK_LINES)
-        if end == 0:
+        room = budget - used - header_cost
+        if file.around is None:
+            start, (end, cost) = 0, take_forwards(file.lines, 0, room, count_text, CHUNK_LINES)
+        else:
+            start, end = excerpt(file.lines, file.around, room, count_text)
+            cost = sum(map(count_text, file.lines[start:end]))
+        if end == start:
             continue
-        pieces.append((file.path, header + (PromptPart("".join(file.lines[:end])),)))
+        pieces.append((file.path, header + (PromptPart("".join(file.lines[start:end])),)))
         used += header_cost + cost
     pieces.reverse()
     parts = join_parts(head + tuple(part for _, file_parts in pieces for part in file_parts))

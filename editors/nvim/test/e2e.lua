@@ -5,7 +5,10 @@
 -- This script drives a child Neovim (--embed) over RPC the way a user would: keys typed with
 -- nvim_input, so InsertEnter, CursorMovedI and the <Tab> mapping run as they do in an editor.
 -- Checked, once with 0.12's vim.lsp.inline_completion and once with the plugin's own ghost text:
--- ghost text appears, <Tab> inserts exactly what was shown and the server counts the acceptance.
+-- ghost text appears, <Tab> inserts exactly what was shown and the server counts the acceptance;
+-- the plugin tells the server where the cursor rests (stablelm/didFocus) and the server has the
+-- completion there ready before it is asked for; <M-]> shows the server's other choices and
+-- <Tab> inserts the one shown; <M-Right> and <M-C-Right> accept a word and a line of it.
 -- Then :StablelmChat streams a reply into its buffer, :StablelmChatStop stops one, and
 -- :checkhealth stablelm reports the model. Exit status 0 on success, 1 on failure.
 -- STABLELM_TEST_SERVER overrides the server command (default: the repository's
@@ -118,6 +121,7 @@ local function start_child(mode, workdir)
       cmd = cmd,
       inline = mode,
       debounce_ms = 50,
+      focus_ms = 100,
       settings = { model = model, device = 'cpu', dtype = 'float32', maxNewTokens = 12, temperature = 0, debounceMs = 0 },
     })
     vim.cmd.edit(file)
@@ -147,6 +151,12 @@ local ghost_text = [[
   end
   return { row = marks[1][2], col = marks[1][3], text = table.concat(lines, '\n') }
 ]]
+
+--- The ghost text without the "(2/3)" hint shown with several choices, and that hint.
+local function without_hint(text)
+  local shown, hint = text:match('^(.-) %((%d+/%d+)%)$')
+  return shown or text, hint
+end
 
 local status_counts = [[
   local client = vim.lsp.get_clients({ name = 'stablelm' })[1]
@@ -215,6 +225,114 @@ local function check_completion(mode, namespace, workdir)
   return child, ok, err
 end
 
+local function counters(child)
+  return child:lua(status_counts).counters
+end
+
+--- The server's counters once no background work runs.
+local function idle_counters(child)
+  return child:wait('the server to be idle', REPLY_TIMEOUT_MS, [[
+    local client = vim.lsp.get_clients({ name = 'stablelm' })[1]
+    local response = client:request_sync('workspace/executeCommand', { command = 'stablelm.status' }, 5000)
+    local counters = response and response.result and response.result.counters
+    return counters and counters.backgroundRunning == 0 and counters or nil
+  ]])
+end
+
+--- Runs `fn(child)` on a child set up in `mode`; the child is stopped whatever happens.
+local function with_child(mode, workdir, fn)
+  local child = start_child(mode, workdir)
+  local ok, err = pcall(fn, child)
+  child:stop()
+  if not ok then
+    error(err, 0)
+  end
+end
+
+local function check_focus(mode, workdir)
+  with_child(mode, workdir, function(child)
+    local before = idle_counters(child)
+    -- The cursor rests on the end of line 5 (normal mode): the plugin tells the server, which
+    -- computes the completion there in the background.
+    child:lua('vim.api.nvim_win_set_cursor(0, { 5, 35 })')
+    local after = child:wait('a completion prepared where the cursor rests', REPLY_TIMEOUT_MS, ([[
+      local client = vim.lsp.get_clients({ name = 'stablelm' })[1]
+      local response = client:request_sync('workspace/executeCommand', { command = 'stablelm.status' }, 5000)
+      local c = response and response.result and response.result.counters
+      return c and c.backgroundRunning == 0 and c.backgroundDone > %d and c or nil
+    ]]):format(before.backgroundDone))
+    -- Asked there now, the server answers with it: the model does not run again.
+    child:lua([[
+      local client = vim.lsp.get_clients({ name = 'stablelm' })[1]
+      local params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+      params.context = { triggerKind = 2 }
+      client:request_sync('textDocument/inlineCompletion', params, 5000)
+    ]])
+    local answered = counters(child)
+    expect(answered.prepared == after.prepared + 1, 'not answered with the prepared completion: ' .. vim.inspect(answered))
+    expect(answered.modelRuns == after.modelRuns, 'the model ran again')
+  end)
+end
+
+local function check_choices_and_parts(mode, namespace, workdir)
+  with_child(mode, workdir, function(child)
+    child:input('GA')
+    local first = child:wait('ghost text', REPLY_TIMEOUT_MS, ghost_text, namespace)
+    -- <M-]>: the server's choices, the second one shown with its place among them.
+    --- The ghost text once it shows choice `n` (its "(n/N)" hint).
+    local function choice(n, timeout_ms)
+      return child:wait(('choice %d'):format(n), timeout_ms, ([[
+        local ghost = (loadstring or load)(%q)(...)
+        return ghost and ghost.text:match(' %%(%d/%%d%%)$') and ghost or nil
+      ]]):format(ghost_text, n), namespace)
+    end
+    child:input('<M-]>')
+    local second = choice(2, REPLY_TIMEOUT_MS)
+    local shown, hint = without_hint(second.text)
+    log(('  choices: %q, then %q (%s)'):format(first.text, shown, hint))
+    expect(shown ~= without_hint(first.text), 'the second choice is the first one again')
+    child:input('<M-[>')
+    choice(1, 5000)
+    child:input('<M-]>')
+    choice(2, 5000)
+    child:input('<Tab>')
+    local inserted = child:wait('the chosen text in the buffer', 5000, [[
+      local lines = vim.api.nvim_buf_get_lines(0, 8, -1, false)
+      return lines[1] ~= '    return ' and table.concat(lines, '\n') or nil
+    ]])
+    expect(inserted == '    return ' .. shown, ('inserted %q, but the choice shown was %q'):format(inserted, shown))
+
+    -- A word, then a line, of a new suggestion on a new line.
+    child:input('<CR>')
+    local ghost = child:wait('ghost text on the new line', REPLY_TIMEOUT_MS, ghost_text, namespace)
+    local text = without_hint(ghost.text)
+    local row, col = unpack(child:lua('local p = vim.api.nvim_win_get_cursor(0); return { p[1] - 1, p[2] }'))
+    local line_before = child:lua('return vim.api.nvim_get_current_line()')
+    local word = text:match('^%s*[%w_]+') or text:match('^%s*[^%w_%s]+') or text
+    log(('  accepting a word (%q), then a line, of %q'):format(word, text))
+    child:input('<M-Right>')
+    child:wait('a word accepted', 5000, ([[
+      return vim.api.nvim_buf_get_lines(0, %d, %d, false)[1] ~= %q or nil
+    ]]):format(row, row + 1, line_before))
+    local after_word = child:lua(('return table.concat(vim.api.nvim_buf_get_lines(0, %d, -1, false), "\\n")'):format(row))
+    expect(after_word:sub(1, #line_before + #word) == line_before .. word,
+      ('accepting a word of %q made %q'):format(text, after_word))
+    if #word < #text then
+      -- The rest comes back at once (the server answers it from memory) and a line of it goes in.
+      local rest = child:wait('the rest as ghost text', REPLY_TIMEOUT_MS, ghost_text, namespace)
+      expect(without_hint(rest.text) == text:sub(#word + 1), ('the rest shown is %q, not %q'):format(rest.text, text:sub(#word + 1)))
+      child:input('<M-C-Right>')
+      local line = text:sub(#word + 1):match('^[^\n]*\n') or text:sub(#word + 1)
+      local expected = line_before .. word .. line
+      child:wait('a line accepted', 5000, ([[
+        local text = table.concat(vim.api.nvim_buf_get_lines(0, %d, -1, false), '\n')
+        return text:sub(1, %d) == %q or nil
+      ]]):format(row, #expected, expected))
+    end
+    expect(child:lua('return vim.api.nvim_get_mode().mode') == 'i', 'left insert mode')
+  end)
+end
+
 local workdir = vim.fn.tempname()
 vim.fn.mkdir(workdir, 'p')
 
@@ -234,6 +352,15 @@ case("the plugin's own ghost text (0.10/0.11 path): appears, <Tab> inserts it", 
     error(err, 0)
   end
 end)
+
+for _, mode in ipairs({ { 'native', 'nvim.lsp.inline_completion' }, { 'plugin', 'stablelm.ghost' } }) do
+  case(('%s: where the cursor rests is sent (stablelm/didFocus) and its completion is ready before it is asked for'):format(mode[1]), function()
+    check_focus(mode[1], workdir)
+  end)
+  case(('%s: <M-]>/<M-[> cycle through the server\'s choices, <Tab> inserts the one shown, <M-Right>/<M-C-Right> accept a word/a line'):format(mode[1]), function()
+    check_choices_and_parts(mode[1], mode[2], workdir)
+  end)
+end
 
 if native_child then
   case(':StablelmChat streams a reply into the chat buffer', function()

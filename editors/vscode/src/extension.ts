@@ -2,9 +2,14 @@
 // the server off in untrusted workspaces unless the user allows it in their own settings.
 import * as vscode from "vscode";
 import { ChatViewProvider } from "./chat";
-import { ClientFactory, createLanguageClient, Server } from "./server";
+import { FocusEditor, FocusReporter } from "./focus";
+import { ClientFactory, createLanguageClient, SERVED_SCHEMES, Server } from "./server";
 import { LAUNCH_SETTINGS, SECTION } from "./settings";
 import { ShowLogCommand, StatusBar } from "./statusBar";
+
+function served(editor: vscode.TextEditor | undefined): FocusEditor | undefined {
+  return editor && SERVED_SCHEMES.includes(editor.document.uri.scheme) ? editor : undefined;
+}
 
 /** `allowUntrustedWorkspaces` has application scope: a workspace cannot set it for itself. */
 function mayStart(): boolean {
@@ -20,7 +25,15 @@ export class Extension implements vscode.Disposable {
   constructor(extensionUri: vscode.Uri, createClient: ClientFactory) {
     this.server = new Server(this.statusBar, this.log, createClient);
     const chat = new ChatViewProvider(extensionUri, this.server);
+    // Where the cursor rests, so that the server prepares the completion there (stablelm/didFocus).
+    const focus = new FocusReporter((params) => this.server.reportFocus(params));
     this.disposables.push(
+      focus,
+      vscode.window.onDidChangeActiveTextEditor((editor) => focus.activeEditorChanged(served(editor))),
+      vscode.window.onDidChangeTextEditorSelection((event) => {
+        const editor = served(event.textEditor);
+        if (editor) focus.selectionChanged(editor);
+      }),
       this.statusBar,
       this.log,
       this.server,

@@ -1,8 +1,17 @@
-// The stablelm-lsp protocol beyond standard LSP (README, "Protocol"): one notification for the
-// model's state, one for chat deltas, and workspace/executeCommand commands.
+// The stablelm-lsp protocol beyond standard LSP (README, "Protocol"): notifications for the
+// model's state and chat deltas, one from the client for where the cursor rests, and
+// workspace/executeCommand commands.
 
 export const StatusNotification = "stablelm/status";
 export const ChatDeltaNotification = "stablelm/chatDelta";
+/** Client to server: the cursor rests here; the server prepares the completion there. */
+export const FocusNotification = "stablelm/didFocus";
+
+export interface FocusParams {
+  uri: string;
+  /** LSP position (0-based line, utf-16 character). */
+  position: { line: number; character: number };
+}
 
 export const Commands = {
   /** Returns the last `ServerStatus` plus the completion counters. */
@@ -31,6 +40,8 @@ export interface ServerStatus {
 export interface StatusResult extends ServerStatus {
   completionsShown: number;
   completionsAccepted: number;
+  /** How completion requests were answered (README, "Protocol"). */
+  counters: Record<string, number>;
 }
 
 export type ChatRole = "system" | "user" | "assistant";

@@ -9,6 +9,7 @@ import {
   FeatureState,
   LanguageClient,
   LanguageClientOptions,
+  NotificationType,
   State,
   StaticFeature,
   WorkDoneProgress,
@@ -20,6 +21,8 @@ import {
   ChatParams,
   ChatResult,
   Commands,
+  FocusNotification,
+  FocusParams,
   ServerStatus,
   StatusNotification,
 } from "./protocol";
@@ -40,6 +43,9 @@ export type ServerClient = Pick<
   | "sendRequest"
   | "isRunning"
 >;
+
+/** Documents the server is given: files and untitled buffers. */
+export const SERVED_SCHEMES = ["file", "untitled"];
 
 export type ClientFactory = (launch: ServerLaunch, options: LanguageClientOptions) => ServerClient;
 
@@ -118,7 +124,7 @@ export class Server implements vscode.Disposable {
       return;
     }
     const client = this.createClient(launch, {
-      documentSelector: [{ scheme: "file" }, { scheme: "untitled" }],
+      documentSelector: SERVED_SCHEMES.map((scheme) => ({ scheme })),
       initializationOptions: serverSettings(config),
       outputChannel: this.log,
       middleware: {
@@ -208,6 +214,14 @@ export class Server implements vscode.Disposable {
       throw new Error("the StableLM server is not running");
     }
     return this.client.sendRequest(ExecuteCommandRequest.type, { command: Commands.chat, arguments: [params] }, token);
+  }
+
+  /** Tells the server where the cursor rests (nothing while completions are paused). */
+  reportFocus(params: FocusParams): void {
+    if (!this.client?.isRunning() || this.completionsPaused) return;
+    this.client.sendNotification(new NotificationType<FocusParams>(FocusNotification), params).catch((error: unknown) => {
+      this.log.debug(`${FocusNotification} not sent: ${error instanceof Error ? error.message : String(error)}`);
+    });
   }
 
   onChatDelta(listener: (delta: ChatDelta) => void): vscode.Disposable {

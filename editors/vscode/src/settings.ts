@@ -22,6 +22,8 @@ export interface ServerSettings {
   temperature: number;
   contextTokens: number;
   debounceMs: number;
+  debounceMinMs: number;
+  anticipate: boolean;
   chatModel: string;
   chatMaxNewTokens: number;
   enabled: boolean;
@@ -68,6 +70,8 @@ export function serverSettings(config: ConfigurationReader): ServerSettings {
     temperature: read(config, "temperature", isNumber),
     contextTokens: read(config, "contextTokens", isInteger),
     debounceMs: read(config, "debounceMs", isInteger),
+    debounceMinMs: read(config, "debounceMinMs", isInteger),
+    anticipate: read(config, "anticipate", isBoolean),
     chatModel: read<string>(config, "chatModel", isString).trim(),
     chatMaxNewTokens: read(config, "chatMaxNewTokens", isInteger),
     enabled: read(config, "enabled", isBoolean),

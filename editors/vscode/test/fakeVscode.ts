@@ -61,6 +61,7 @@ export const state = {
   onDidChangeConfiguration: new Emitter<{ affectsConfiguration(key: string): boolean }>(),
   onDidGrantWorkspaceTrust: new Emitter<void>(),
   onDidChangeActiveTextEditor: new Emitter<unknown>(),
+  onDidChangeTextEditorSelection: new Emitter<{ textEditor: unknown }>(),
 };
 
 export function reset(): void {
@@ -136,6 +137,7 @@ const implemented = {
       return state.activeTextEditor;
     },
     onDidChangeActiveTextEditor: state.onDidChangeActiveTextEditor.event,
+    onDidChangeTextEditorSelection: state.onDidChangeTextEditorSelection.event,
     createStatusBarItem(id: string): FakeStatusBarItem {
       const item: FakeStatusBarItem = {
         id,

@@ -4,7 +4,9 @@
 --
 -- Neovim 0.11+ registers the server with vim.lsp.config / vim.lsp.enable (0.10: vim.lsp.start on
 -- FileType). Neovim 0.12+ shows completions with vim.lsp.inline_completion; 0.10 and 0.11 get the
--- plugin's own ghost text (stablelm.ghost). See :help stablelm.
+-- plugin's own ghost text (stablelm.ghost). Both cycle through the server's choices and accept a
+-- word or a line of the suggestion; the server is told where the cursor rests (stablelm.focus).
+-- See :help stablelm.
 local util = require('stablelm.util')
 
 local api = vim.api
@@ -28,9 +30,18 @@ local defaults = {
   inline = 'auto',
   --- Plugin ghost text only: milliseconds without typing before asking.
   debounce_ms = 150,
+  --- Milliseconds the cursor rests before the server is told (it prepares the completion there).
+  focus_ms = 500,
+  --- Insert-mode keys; false: no mapping. Each types itself when it has nothing to do.
   keymaps = {
-    --- Insert-mode key that accepts the ghost text; it types itself when none is shown. false: no map.
+    --- Accepts the ghost text.
     accept = '<Tab>',
+    --- Accepts its next word, its line.
+    accept_word = '<M-Right>',
+    accept_line = '<M-C-Right>',
+    --- The next / previous of the server's choices (asked for explicitly when one is shown).
+    next = '<M-]>',
+    prev = '<M-[>',
   },
   chat = { split = 'vertical' },
   --- Called after the plugin's own on_attach.
@@ -57,11 +68,15 @@ local function native_inline()
   return available
 end
 
+local function buffer(bufnr)
+  return (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
+end
+
 --- Whether ghost text is shown in `bufnr` and, if so, accepts it.
 ---@param bufnr? integer
 ---@return boolean
 function M.accept(bufnr)
-  bufnr = (bufnr == nil or bufnr == 0) and api.nvim_get_current_buf() or bufnr
+  bufnr = buffer(bufnr)
   if native_inline() then
     return vim.lsp.inline_completion.get({ bufnr = bufnr })
   end
@@ -73,6 +88,125 @@ function M.accept(bufnr)
   vim.schedule(function()
     ghost.accept(bufnr)
   end)
+  return true
+end
+
+--- vim.lsp.inline_completion's state for `bufnr` (0.12; internal, so looked up with care).
+local function native_completor(bufnr)
+  local ok, capability = pcall(require, 'vim.lsp._capability')
+  local class = ok and type(capability.all) == 'table' and capability.all.inline_completion
+  return type(class) == 'table' and type(class.active) == 'table' and class.active[bufnr] or nil
+end
+
+--- Accepts `piece(text)` of the native suggestion shown: a part is inserted at the cursor (the
+--- server then answers the rest from memory); all of it is an ordinary accept.
+local function native_accept_part(bufnr, piece)
+  return vim.lsp.inline_completion.get({
+    bufnr = bufnr,
+    on_accept = function(item)
+      local completor = native_completor(bufnr)
+      local text = type(item.insert_text) == 'string' and item.insert_text or tostring(item.insert_text.value)
+      local win = vim.fn.bufwinid(bufnr)
+      local pos = api.nvim_win_get_cursor(win)
+      local row, col = pos[1] - 1, pos[2]
+      local start_row, start_col = row, col
+      if item.range then
+        start_row, start_col = item.range.start.row, item.range.start.col
+      end
+      local typed = (start_row == row and start_col <= col) and api.nvim_buf_get_text(bufnr, row, start_col, row, col, {})[1] or nil
+      if not typed or text:sub(1, #typed) ~= typed then
+        return
+      end
+      local rest = text:sub(#typed + 1)
+      local part = piece(rest)
+      if part == rest and completor then
+        completor:accept(item)
+        return
+      end
+      local lines = vim.split(part, '\n', { plain = true })
+      api.nvim_buf_set_text(bufnr, row, col, row, col, lines)
+      api.nvim_win_set_cursor(win, { row + #lines, (#lines == 1 and col or 0) + #lines[#lines] })
+    end,
+  })
+end
+
+local function accept_part(bufnr, piece)
+  bufnr = buffer(bufnr)
+  if native_inline() then
+    return native_accept_part(bufnr, piece)
+  end
+  local ghost = require('stablelm.ghost')
+  if not ghost.visible(bufnr) then
+    return false
+  end
+  vim.schedule(function()
+    ghost.accept_part(bufnr, piece, M.options.debounce_ms)
+  end)
+  return true
+end
+
+--- Accepts the next word of the ghost text shown; false if none.
+---@param bufnr? integer
+---@return boolean
+function M.accept_word(bufnr)
+  return accept_part(bufnr, util.next_word)
+end
+
+--- Accepts the ghost text up to its first line break; false if none.
+---@param bufnr? integer
+---@return boolean
+function M.accept_line(bufnr)
+  return accept_part(bufnr, util.next_line)
+end
+
+--- Native: the server's choices for the cursor (an explicit request), showing the one `step`
+--- places after the first.
+local function native_choices(bufnr, step)
+  local client = util.client(bufnr)
+  local win = vim.fn.bufwinid(bufnr)
+  if not client or win == -1 then
+    return false
+  end
+  local params = vim.lsp.util.make_position_params(win, client.offset_encoding)
+  params.context = { triggerKind = 1 } -- Invoked
+  local tick = api.nvim_buf_get_changedtick(bufnr)
+  local at = api.nvim_win_get_cursor(win)
+  util.request(client, 'textDocument/inlineCompletion', params, function(err, result)
+    local completor = native_completor(bufnr)
+    local now = vim.fn.bufwinid(bufnr) ~= -1 and api.nvim_win_get_cursor(vim.fn.bufwinid(bufnr)) or {}
+    if err or not result or not completor or not completor.client_state[client.id]
+        or api.nvim_buf_get_changedtick(bufnr) ~= tick or now[1] ~= at[1] or now[2] ~= at[2] then
+      return
+    end
+    local items = result.items or result
+    if #items == 0 then
+      return
+    end
+    completor.client_state[client.id].items = items
+    completor:select((step % #items) + 1, #items > 1)
+  end, bufnr)
+  return true
+end
+
+--- Shows the next (`step` 1) or previous (-1) of the server's choices; with one suggestion shown
+--- (or none), asks for the choices first. False when there is no server to ask.
+---@param step integer
+---@param bufnr? integer
+---@return boolean
+function M.cycle(step, bufnr)
+  bufnr = buffer(bufnr)
+  if not native_inline() then
+    return require('stablelm.ghost').cycle(bufnr, step)
+  end
+  local completor = native_completor(bufnr)
+  if completor and completor.current and completor:count_items() > 1 then
+    vim.lsp.inline_completion.select({ bufnr = bufnr, count = step })
+    return true
+  end
+  if completor then
+    return native_choices(bufnr, step)
+  end
+  vim.lsp.inline_completion.select({ bufnr = bufnr, count = step })
   return true
 end
 
@@ -93,21 +227,52 @@ local function completions_on()
   return not paused and M.options.settings.enabled ~= false
 end
 
+--- Whether completions are on (not paused by the user, nor turned off by the settings).
+---@return boolean
+function M.completions_on()
+  return completions_on()
+end
+
 ---@param client vim.lsp.Client
 ---@param bufnr integer
 local function on_attach(client, bufnr)
   if completions_on() then
     enable_inline(bufnr, true)
   end
-  local key = M.options.keymaps.accept
-  if key then
+  local focus = require('stablelm.focus')
+  focus.idle_ms = M.options.focus_ms
+  focus.attach(bufnr)
+  local keymaps = M.options.keymaps
+  --- Maps `keymaps[name]` in insert mode to `action(bufnr)`; the key types itself when the
+  --- action has nothing to do (returns false). Expression mappings may not change the text:
+  --- actions that do, do it right after.
+  local function map(name, action, desc)
+    local key = keymaps[name]
+    if not key then
+      return
+    end
     vim.keymap.set('i', key, function()
-      if M.accept(bufnr) then
+      if action(bufnr) then
         return ''
       end
       return key
-    end, { buffer = bufnr, expr = true, replace_keycodes = true, desc = 'Accept the StableLM completion' })
+    end, { buffer = bufnr, expr = true, replace_keycodes = true, desc = desc })
   end
+  map('accept', M.accept, 'Accept the StableLM completion')
+  map('accept_word', M.accept_word, 'Accept the next word of the StableLM completion')
+  map('accept_line', M.accept_line, 'Accept the StableLM completion up to its line break')
+  map('next', function(b)
+    vim.schedule(function()
+      M.cycle(1, b)
+    end)
+    return util.client(b) ~= nil
+  end, 'Next StableLM completion')
+  map('prev', function(b)
+    vim.schedule(function()
+      M.cycle(-1, b)
+    end)
+    return util.client(b) ~= nil
+  end, 'Previous StableLM completion')
   if M.options.on_attach then
     M.options.on_attach(client, bufnr)
   end
@@ -304,6 +469,7 @@ function M.setup(opts)
   end
   require('stablelm.chat').options = M.options.chat
   api.nvim_set_hl(0, 'StablelmGhost', { link = 'Comment', default = true })
+  api.nvim_set_hl(0, 'StablelmGhostHint', { link = 'NonText', default = true })
   create_commands()
   enable_server()
 end

@@ -110,4 +110,20 @@ function M.buf_position(bufnr, position, encoding)
   return position.line, M.byte_col(line, position.character, encoding)
 end
 
+--- The first word of `text` (with the spaces or line break before it), or its first run of
+--- other characters: what accept-word inserts.
+---@param text string
+---@return string
+function M.next_word(text)
+  return text:match('^%s*[%w_]+') or text:match('^%s*[^%w_%s]+') or text
+end
+
+--- `text` up to and including its first line break (all of it when there is none): what
+--- accept-line inserts.
+---@param text string
+---@return string
+function M.next_line(text)
+  return text:match('^[^\n]*\n') or text
+end
+
 return M

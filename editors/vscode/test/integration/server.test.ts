@@ -2,7 +2,8 @@
 // initialized the way the extension does it: the client capabilities computed by the real
 // vscode-languageclient (under the fake `vscode` module) and the settings as initializationOptions.
 // Covered: model loading with $/progress, inline completion and its accept command,
-// cancellation, chat with streamed deltas and Stop.
+// cancellation, stablelm/didFocus sent by the extension's FocusReporter and acted on (the
+// completion there is ready before it is asked for), chat with streamed deltas and Stop.
 //
 // Needs STABLELM_TEST_MODEL (a checkpoint folder; editors/test.sh builds a tiny one) and the
 // server command (STABLELM_TEST_SERVER, default: the repository's .venv/bin/stablelm-lsp).
@@ -22,6 +23,8 @@ import {
   StreamMessageWriter,
 } from "vscode-jsonrpc/node";
 import { LanguageClient } from "vscode-languageclient/node";
+import { FocusReporter } from "../../src/focus";
+import { FocusNotification } from "../../src/protocol";
 import type { ChatDelta, ChatResult, ServerStatus, StatusResult } from "../../src/protocol";
 import { serverSettings } from "../../src/settings";
 
@@ -230,6 +233,27 @@ describe("the real server through vscode-jsonrpc", { skip }, () => {
     );
     const items = itemsOf(await session.inlineCompletion(uri, 8, 11));
     assert.ok(items.length >= 1);
+  });
+
+  test("stablelm/didFocus from the extension's focus reporter prepares that position's completion", async () => {
+    const other = pathToFileURL(path.join(workspace, "focused.py")).href;
+    await session.connection.sendNotification("textDocument/didOpen", { textDocument: { uri: other, languageId: "python", version: 1, text } });
+    const reporter = new FocusReporter((params) => void session.connection.sendNotification(FocusNotification, params));
+    reporter.activeEditorChanged({ document: { uri: { toString: () => other } }, selection: { active: { line: 4, character: 27 } } });
+    const status = () => session.executeCommand<StatusResult>("stablelm.status");
+    // Acted on: the server computes the completion there in the background.
+    let before: StatusResult;
+    for (const deadline = Date.now() + 60_000; ; ) {
+      before = await status();
+      if (before.counters.backgroundDone >= 1 && before.counters.backgroundRunning === 0) break;
+      assert.ok(Date.now() < deadline, `nothing prepared: ${JSON.stringify(before.counters)}`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    const items = itemsOf(await session.inlineCompletion(other, 4, 27));
+    assert.ok(items.length >= 1);
+    const after = await status();
+    assert.equal(after.counters.prepared, before.counters.prepared + 1);
+    assert.equal(after.counters.modelRuns, before.counters.modelRuns, "the model ran for a prepared position");
   });
 
   test("a chat reply streams deltas that add up to the result", async () => {

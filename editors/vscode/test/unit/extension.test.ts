@@ -240,3 +240,31 @@ test("the esbuild bundle that the .vsix ships loads and activates", async () => 
   assert.match(statusItem().text, /shield/);
   await bundle.deactivate();
 });
+
+test("the cursor's resting place goes to the server as stablelm/didFocus: on switching editors, after a pause, not while paused", async (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  start();
+  await settle();
+  const editor = (scheme: string, line: number, character: number) => ({
+    document: { uri: new FakeUri(scheme, `/w/a.py`) },
+    selection: { active: { line, character } },
+  });
+  const focused = () => clients[0].notificationsSent.filter((n) => n.method === "stablelm/didFocus").map((n) => n.params);
+  state.onDidChangeActiveTextEditor.fire(editor("file", 3, 7));
+  assert.deepEqual(focused(), [{ uri: "file:///w/a.py", position: { line: 3, character: 7 } }]);
+  // Moving (or typing) reports nothing until the cursor rests.
+  state.onDidChangeTextEditorSelection.fire({ textEditor: editor("file", 3, 8) });
+  t.mock.timers.tick(300);
+  state.onDidChangeTextEditorSelection.fire({ textEditor: editor("file", 3, 9) });
+  t.mock.timers.tick(300);
+  assert.equal(focused().length, 1);
+  t.mock.timers.tick(300);
+  assert.deepEqual(focused()[1], { uri: "file:///w/a.py", position: { line: 3, character: 9 } });
+  // Documents the server does not have, and a paused extension, send nothing.
+  state.onDidChangeActiveTextEditor.fire(editor("git", 1, 1));
+  state.onDidChangeTextEditorSelection.fire({ textEditor: editor("output", 1, 1) });
+  t.mock.timers.tick(1000);
+  await state.commands.get("stablelm.toggle")!();
+  state.onDidChangeActiveTextEditor.fire(editor("file", 5, 0));
+  assert.equal(focused().length, 2);
+});

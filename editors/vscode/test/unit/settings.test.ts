@@ -19,6 +19,8 @@ test("unset settings take package.json's defaults", () => {
     temperature: 0,
     contextTokens: 1536,
     debounceMs: 75,
+    debounceMinMs: 0,
+    anticipate: true,
     chatModel: "",
     chatMaxNewTokens: 512,
     enabled: true,
