@@ -1,8 +1,14 @@
 """Benchmark (not a test): keystroke latency, decode speed, the kernels chosen and their
 alternatives, int8 weights, llama.cpp as a peer, and sliding-window KV memory of the engine.
 
-Everything is measured in one run, on CPU, against baselines measured in the same run; the CPU
-model comes first:
+Everything is measured in one run, on the CPU in float32 unless --device/--dtype say otherwise
+(the GPU checks of a lent machine, scripts/cuda_checks.sh, run it with --device cuda --dtype
+bfloat16), against baselines measured in the same run; the device's name (the CPU model, or the
+GPU's) comes first. --decode-step goes to every engine made here (inference/captured.py; "off"
+by default); a configuration the engine refuses with it (a forced implementation with "compile")
+is listed as not measured. Below, "float32" stands for the --dtype given; int8 weights compute
+in what the model loader's "auto" picks (float32 on a CPU; on a GPU the checkpoint's dtype,
+float32 for the one built here).
 
 1. The kernels the engine chose on this machine (inference/tuning.py) for the 160M checkpoint
    below, float32 and int8: per group of layers the implementation per range of pass lengths,
@@ -33,10 +39,20 @@ model comes first:
 4. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
    bytes the engine holds, against the window's own bound and a linear cache.
 
+On a GPU (--device cuda[:N]) the same, with these differences: the bandwidth is that of the GPU's
+memory (a copy there, synchronized); nothing is measured in 1. (float layers run torch's
+kernels, so no table; int8 layers torch's int8 kernel when the build has one, else widening);
+only the "auto" configurations run in 3. (the forced implementations are what a CPU's engine
+measures against each other; inference/linear.py's candidates() says what exists for the
+device), int8 where candidates() has an implementation for it there; llama.cpp is not measured
+(a CPU peer). transformers runs on the same device in the same dtype.
+
 Prints tables and one JSON line with the numbers and ratios.
 
     python bench/engine_bench.py [--threads N] [--keystrokes 20] [--compare-keystrokes 10]
         [--scratch-keystrokes 5] [--llama-sdist PATH] [--no-llama] [--no-int8]
+        [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
+        [--decode-step off|static|compile|cuda-graph]
 """
 from __future__ import annotations
 
@@ -70,9 +86,29 @@ STARCODER2_SIZES = dict(hidden_size=384, intermediate_size=1536, num_hidden_laye
 SHORT_PASS = 16         # forced choices run their implementation up to here (see the docstring)
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and how everything here runs (--device, --dtype, --decode-step); set once in main."""
+    device: torch.device = torch.device("cpu")
+    float_dtype: str = "float32"    # float32 | bfloat16 | float16: the float configurations' dtype
+    decode_step: str = "off"        # off | static | compile | cuda-graph, for every Engine made here
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.float_dtype)
+
+
+TARGET = Target()
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second moved by a large tensor copy (each byte read once and written once)."""
-    src = torch.ones(int(gib * (1 << 30)) // 4)
+    """Bytes per second moved by a large tensor copy on TARGET's device (each byte read once and
+    written once)."""
+    src = torch.ones(int(gib * (1 << 30)) // 4, device=TARGET.device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
@@ -80,9 +116,23 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def _timed(fn) -> float:
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t0
+
+
+def _sync() -> None:
+    if TARGET.device.type == "cuda":
+        torch.cuda.synchronize(TARGET.device)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -110,16 +160,18 @@ class HFContinuation:
 
 
 def load_transformers(path: Path):
+    """transformers' model of the checkpoint on TARGET's device in its float dtype."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=TARGET.torch_dtype)
+    model = model.to(TARGET.device).eval()
     model.generation_config.eos_token_id = None   # exactly `steps` tokens, like the engine here
     model.generation_config.pad_token_id = 0
     return model
 
 
 def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                              max_new_tokens=steps, do_sample=False)
@@ -130,7 +182,7 @@ def hf_generate(model, prompt: list[int], steps: int, cache=None) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    dtype: str          # float32 | int8
+    dtype: str          # TARGET.float_dtype (float32 | bfloat16 | float16) | int8
     linear: str         # auto, or the implementation forced
 
     @property
@@ -141,15 +193,17 @@ class Config:
 def open_engine(path: Path, config: Config, loaded=None, **options):
     """An Engine sampling from the model's whole vocabulary, as transformers does (the
     checkpoints here come with a small stand-in tokenizer, which the engine would otherwise take
-    as the limit of what may be sampled). A forced choice runs its implementation on passes of
-    up to SHORT_PASS positions and its fallback beyond (see the module's docstring)."""
+    as the limit of what may be sampled), on TARGET's device with its decode step. A forced
+    choice runs its implementation on passes of up to SHORT_PASS positions and its fallback
+    beyond (see the module's docstring)."""
     from stablelm_lsp.inference.engine import Engine
     from stablelm_lsp.inference.linear import KernelLinear, candidates
     from stablelm_lsp.models import load_model
 
     if loaded is None:
-        loaded = load_model(path, device="cpu", dtype=config.dtype)
-    engine = Engine(dataclasses.replace(loaded, tokenizer=None), linear=config.linear, **options)
+        loaded = load_model(path, device=TARGET.device, dtype=config.dtype)
+    engine = Engine(dataclasses.replace(loaded, tokenizer=None), linear=config.linear,
+                    **{"decode_step": TARGET.decode_step, **options})
     if config.linear != "auto":
         # the fallback runs on every layout (plain, packed, int8)
         fallback = candidates(loaded.device, loaded.dtype, config.dtype == "int8").fallback
@@ -196,7 +250,7 @@ def keystroke_replay(path: Path, hf, vocab: int, keystrokes: int, scratch_keystr
     """Each keystroke appends a random token (the user types something the model did not
     suggest): the engine reuses the cache, drafts only from n-grams of the sequence."""
     base, prompts = keystroke_prompts(vocab, keystrokes)
-    auto = Config("float32", "auto")
+    auto = Config(TARGET.float_dtype, "auto")
     with open_engine(path, auto) as engine:
         ours = run_engine(engine, base, prompts)
     with open_engine(path, auto, draft_tokens=0) as engine:
@@ -219,7 +273,7 @@ def keystroke_replay(path: Path, hf, vocab: int, keystrokes: int, scratch_keystr
 def typing_the_suggestion(path: Path, hf, vocab: int, keystrokes: int) -> dict:
     """Each keystroke appends the first token of the completion just shown (the user types what
     was suggested): the rest of the previous completion is the engine's draft."""
-    auto = Config("float32", "auto")
+    auto = Config(TARGET.float_dtype, "auto")
     base = random_ids(PROMPT_TOKENS, vocab, seed=4)
     with open_engine(path, auto, draft_tokens=0) as engine:   # the prompts, fixed in advance
         prompts, seq = [], base
@@ -234,16 +288,39 @@ def typing_the_suggestion(path: Path, hf, vocab: int, keystrokes: int) -> dict:
             "same_tokens": ours["out"] == cropped_out}
 
 
-def configurations(int8: bool) -> list[Config]:
+def int8_compute_dtype(path: Path) -> torch.dtype:
+    """The dtype int8 weights compute in on TARGET's device (what load_model's "auto" picks)."""
+    from stablelm_lsp.models.checkpoint import pick_dtype
+    from stablelm_lsp.models.config import ModelConfig
+
+    return pick_dtype("int8", TARGET.device, ModelConfig.from_file(path / "config.json"))
+
+
+def configurations(path: Path, int8: bool) -> tuple[list[Config], dict[str, str]]:
+    """The configurations measured on TARGET's device, and those not measured with why (label ->
+    reason). Every linear implementation inference/linear.py has for the device is forced where
+    the engine chooses among them by measurement (a CPU); elsewhere "auto" alone runs."""
     from stablelm_lsp.inference.linear import candidates
 
-    cpu = torch.device("cpu")
-    configs = [Config("float32", "auto")] + [Config("float32", i.name)
-                                             for i in candidates(cpu, torch.float32, False).impls]
+    device, skipped = TARGET.device, {}
+    weights = [(TARGET.float_dtype, TARGET.torch_dtype, False)]
     if int8:
-        configs += [Config("int8", "auto")] + [Config("int8", i.name)
-                                               for i in candidates(cpu, torch.float32, True).impls]
-    return configs
+        weights.append(("int8", int8_compute_dtype(path), True))
+    configs = []
+    for name, compute, quantized in weights:
+        found = candidates(device, compute, quantized)
+        if not found.impls:
+            skipped[name] = f"no linear implementation for these weights on {device}: " + "; ".join(
+                f"{impl}: {why}" for impl, why in found.problems.items())
+            continue
+        configs.append(Config(name, "auto"))
+        if device.type == "cpu":
+            configs += [Config(name, i.name) for i in found.impls]
+        else:
+            skipped[f"{name} forced"] = (
+                f"forced implementations are what a CPU's engine measures against each other; on "
+                f"{device.type} nothing is measured (candidates: {', '.join(i.name for i in found.impls)})")
+    return configs, skipped
 
 
 class EngineRunner:
@@ -254,7 +331,7 @@ class EngineRunner:
         from stablelm_lsp.models import load_model
 
         self.name = config.name
-        loaded = load_model(path, device="cpu", dtype=config.dtype)
+        loaded = load_model(path, device=TARGET.device, dtype=config.dtype)
         self.decode_engine = open_engine(path, config, loaded, draft_tokens=0)
         self.replay_engine = open_engine(path, config, loaded)
         self.plan = self.replay_engine.kernels
@@ -301,14 +378,22 @@ class TransformersRunner:
         pass
 
 
-def compare(path: Path, hf, vocab: int, keystrokes: int, int8: bool, llama: dict) -> dict:
+def compare(path: Path, hf, vocab: int, keystrokes: int, configs: list[Config], llama: dict) -> dict:
     """Decode and keystroke replay for every configuration, transformers and llama.cpp, in
     rounds: each decode run and each keystroke goes through every runner in turn, so load from
     other processes falls on all of them alike; the best of three decode runs, the median
-    keystroke."""
+    keystroke. A configuration the engine refuses (a forced implementation with a compiled
+    decode step, say) is left out with the reason."""
+    from stablelm_lsp.inference.errors import InvalidParameter
+
     decode_prompt = random_ids(PROMPT_TOKENS, vocab, seed=2)
     base, prompts = keystroke_prompts(vocab, keystrokes)
-    runners = [EngineRunner(path, config) for config in configurations(int8)]
+    runners, refused = [], {}
+    for config in configs:
+        try:
+            runners.append(EngineRunner(path, config))
+        except InvalidParameter as exc:
+            refused[config.name] = str(exc)
     runners.append(TransformersRunner(hf))
     runners += [LlamaRunner(name, gguf) for name, gguf in llama.get("files", {}).items()]
     try:
@@ -333,7 +418,7 @@ def compare(path: Path, hf, vocab: int, keystrokes: int, int8: bool, llama: dict
             runner.close()
     rows = {name: {"decode_s": decode[name], "keystroke_s": statistics.median(replay[name]),
                    "keystroke_out": keystroke_out[name]} for name in decode}
-    return {"rows": rows, "plans": plans, "tokens": tokens}
+    return {"rows": rows, "plans": plans, "tokens": tokens, "refused": refused}
 
 
 # -- llama.cpp (llama-cpp-python) ------------------------------------------------------------
@@ -452,13 +537,13 @@ def sliding_window_memory(out: Path) -> dict:
     from checkpoints import build_tiny_checkpoint
 
     path = build_tiny_checkpoint("starcoder2", out, **STARCODER2_SIZES)
-    loaded = load_model(path, device="cpu", dtype="float32")
+    loaded = load_model(path, device=TARGET.device, dtype=TARGET.float_dtype)
     prompt = random_ids(LONG_PROMPT, loaded.config.vocab_size, seed=3)
-    with Engine(dataclasses.replace(loaded, tokenizer=None)) as engine:
+    with Engine(dataclasses.replace(loaded, tokenizer=None), decode_step=TARGET.decode_step) as engine:
         result = engine.generate(prompt, max_new_tokens=NEW_TOKENS)
         held = engine.prefix_cache.nbytes
         ring = engine.prefix_cache.ring_capacity
-    per_token = loaded.config.kv_bytes_per_token * 4
+    per_token = loaded.config.kv_bytes_per_token * element_size(loaded.dtype)
     hf = load_transformers(path)
     cache = transformers.DynamicCache(config=hf.config)
     hf_tokens = hf_generate(hf, prompt, NEW_TOKENS, cache)
@@ -468,28 +553,33 @@ def sliding_window_memory(out: Path) -> dict:
             "same_tokens": result.token_ids == hf_tokens}
 
 
-def decode_floor(path: Path, bandwidth: float) -> dict:
-    """(weight bytes read per token + KV bytes read) / bandwidth, float32 and int8: the weights
-    but the input embedding (one row is gathered), plus the head (the embedding when tied)."""
+def decode_floor(path: Path, bandwidth: float, int8: bool) -> dict:
+    """(weight bytes read per token + KV bytes read) / bandwidth on TARGET's device, in its float
+    dtype and (int8) with int8 weights: the weights but the input embedding (one row is
+    gathered), plus the head (the embedding when tied); the KV cache in the compute dtype."""
     from stablelm_lsp.models import load_model
 
     floors = {}
-    for dtype in ("float32", "int8"):
-        model = load_model(path, device="cpu", dtype=dtype).model
+    for dtype in (TARGET.float_dtype,) + (("int8",) if int8 else ()):
+        loaded = load_model(path, device=TARGET.device, dtype=dtype)
+        model = loaded.model
         weights = sum(p.nbytes for n, p in model.named_parameters() if not n.startswith("embed."))
         if model.tied:
             weights += model.embed.weight.nbytes + getattr(model.embed, "scale", torch.empty(0)).nbytes
         context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
-        kv = context * model.cfg.kv_bytes_per_token * 4
+        kv = context * model.cfg.kv_bytes_per_token * element_size(loaded.dtype)
         floors[dtype] = {"floor_s": (weights + kv) / bandwidth, "weight_bytes": weights, "kv_bytes": kv}
+        del loaded, model
     return floors
 
 
 # -- report ----------------------------------------------------------------------------------
 
 def describe_plan(label: str, plan) -> list[str]:
-    lines = [f"  {label}: {plan.source}; draft length {plan.draft_tokens}; cost of a pass of m "
-             "positions / one: " + ", ".join(f"{m}: {c:.2f}" for m, c in plan.pass_cost.items())]
+    draft = "the device's default" if plan.draft_tokens is None else plan.draft_tokens
+    cost = ", ".join(f"{m}: {c:.2f}" for m, c in plan.pass_cost.items()) or "not measured"
+    lines = [f"  {label}: {plan.source}; draft length {draft}; cost of a pass of m "
+             "positions / one: " + cost]
     groups = plan.timings.get("linear", {})
     for name, table in plan.linear.items():
         choice = ", ".join(f"{'<= ' + str(b) if b else 'longer'}: {i.name}" for b, i in table)
@@ -512,7 +602,27 @@ def main() -> None:
     ap.add_argument("--llama-sdist", type=Path, default=None,
                     help="llama-cpp-python's source distribution (.tar.gz or folder) for "
                          "convert_hf_to_gguf.py (default: pip download of the installed version)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the float configurations' dtype, transformers' too (default: float32)")
+    ap.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
+                    help="how every engine here runs single-token steps (inference/captured.py)")
     args = ap.parse_args()
+    from stablelm_lsp.inference.captured import decode_step_problems
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"--device {args.device}: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device}: cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
+    if problems := decode_step_problems(args.decode_step, device):
+        ap.error(f"--decode-step {args.decode_step}: " + "; ".join(problems))
+    global TARGET
+    TARGET = Target(device, args.dtype, args.decode_step)
+    fd = args.dtype     # the float configurations' dtype name
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -521,8 +631,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = build_stablelm_160m(tmp / "stablelm-160m")
+        configs, not_measured = configurations(path, not args.no_int8)
+        int8 = any(c.dtype == "int8" for c in configs)
+        int8_dtype = int8_compute_dtype(path) if int8 else None
         llama: dict = {"skipped": "--no-llama"} if args.no_llama else {}
-        if not args.no_llama:
+        if not args.no_llama and device.type != "cpu":
+            llama["skipped"] = (f"a CPU peer here (llama-cpp-python's CPU build), not run against "
+                                f"this engine on {device.type}")
+        elif not args.no_llama:
             why = llama_available()
             if why:
                 llama["skipped"] = why
@@ -538,16 +654,21 @@ def main() -> None:
         params = sum(p.numel() for p in hf.parameters())
         keys = keystroke_replay(path, hf, vocab, args.keystrokes, args.scratch_keystrokes)
         typing = typing_the_suggestion(path, hf, vocab, args.keystrokes)
-        comparison = compare(path, hf, vocab, args.compare_keystrokes, not args.no_int8, llama)
-        floors = decode_floor(path, bandwidth)
+        comparison = compare(path, hf, vocab, args.compare_keystrokes, configs, llama)
+        floors = decode_floor(path, bandwidth, int8)
         del hf
         window = sliding_window_memory(tmp / "starcoder2-w256")
 
     rows, plans, tokens = comparison["rows"], comparison["plans"], comparison["tokens"]
+    not_measured |= comparison["refused"]
     ms, mib = 1e3, 1 << 20
+    auto = f"{fd} auto"
+    measured = [d for d in (fd, "int8") if f"{d} auto" in rows]     # weights whose auto row exists
 
-    def best_forced(dtype: str, what: str) -> tuple[str, float]:
+    def best_forced(dtype: str, what: str) -> tuple[str, float] | None:
         forced = {n: r[what] for n, r in rows.items() if n.startswith(dtype + " ") and not n.endswith(" auto")}
+        if not forced:      # only auto runs (a GPU), or the engine refused the forced ones
+            return None
         name = min(forced, key=forced.get)
         return name, forced[name]
 
@@ -556,17 +677,18 @@ def main() -> None:
         "keystroke_vs_scratch": keys["ours_s"] / keys["scratch_s"],
         "keystroke_no_drafts_vs_cropped": keys["no_drafts_s"] / keys["cropped_s"],
         "typing_suggestion_vs_cropped": typing["ours_s"] / typing["cropped_s"],
-        "decode_vs_transformers": rows["float32 auto"]["decode_s"] / rows["transformers"]["decode_s"],
-        "decode_floor_fraction": floors["float32"]["floor_s"] / rows["float32 auto"]["decode_s"],
-        "transformers_decode_floor_fraction": floors["float32"]["floor_s"] / rows["transformers"]["decode_s"],
+        "decode_vs_transformers": rows[auto]["decode_s"] / rows["transformers"]["decode_s"],
+        "decode_floor_fraction": floors[fd]["floor_s"] / rows[auto]["decode_s"],
+        "transformers_decode_floor_fraction": floors[fd]["floor_s"] / rows["transformers"]["decode_s"],
         "window_kv_vs_linear": window["held_bytes"] / window["linear_bytes"],
     }
-    for dtype in ("float32",) + (() if args.no_int8 else ("int8",)):
+    for dtype in measured:
         for what in ("decode_s", "keystroke_s"):
-            _, best = best_forced(dtype, what)
-            ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}"] = rows[f"{dtype} auto"][what] / best
-    if not args.no_int8:
-        ratios["int8_decode_vs_float32"] = rows["int8 auto"]["decode_s"] / rows["float32 auto"]["decode_s"]
+            best = best_forced(dtype, what)
+            if best is not None:
+                ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}"] = rows[f"{dtype} auto"][what] / best[1]
+    if "int8" in measured:
+        ratios[f"int8_decode_vs_{fd}"] = rows["int8 auto"]["decode_s"] / rows[auto]["decode_s"]
         ratios["int8_decode_floor_fraction"] = floors["int8"]["floor_s"] / rows["int8 auto"]["decode_s"]
     for peer, ours in (("llama.cpp f32", "float32 auto"), ("llama.cpp q8_0", "int8 auto")):
         if peer in rows and ours in rows:
@@ -574,8 +696,9 @@ def main() -> None:
                 ratios[f"{ours.replace(' ', '_')}_vs_{peer.replace(' ', '_')}_{what[:-2]}"] = \
                     rows[ours][what] / rows[peer][what]
 
-    print(f"CPU: {cpu_model()}; {threads} thread{'s' if threads > 1 else ''}; "
-          f"{params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{device_name(device)} ({device}), {fd}, {threads} thread{'s' if threads > 1 else ''}, decode step "
+          f"{args.decode_step}; {params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s")
     print("\nkernels chosen on this machine (inference/tuning.py)")
     for dtype, plan in plans.items():
         print("\n".join(describe_plan(dtype, plan)))
@@ -599,23 +722,28 @@ def main() -> None:
     print(f"  same tokens: {typing['same_tokens']}")
     print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context (one pass per token) and keystroke "
           f"replay (median of {args.compare_keystrokes}, drafts on), per configuration")
-    print(f"  {'':<28}{'decode ms':>10}{'keystroke ms':>14}   same tokens as float32 auto (decode)")
-    want = tokens["float32 auto"]
+    print(f"  {'':<28}{'decode ms':>10}{'keystroke ms':>14}   same tokens as {auto} (decode)")
+    want = tokens[auto]
     for name, r in rows.items():
         print(f"  {name:<28}{r['decode_s'] * ms:>10.1f}{r['keystroke_s'] * ms:>14.0f}   "
               f"{sum(a == b for a, b in zip(tokens[name], want))}/{len(want)}")
-    for dtype in ("float32",) + (() if args.no_int8 else ("int8",)):
+    for name, why in not_measured.items():
+        print(f"  {name}: not measured ({why})")
+    if int8 and int8_dtype != TARGET.torch_dtype:
+        print(f"  int8 weights compute in {str(int8_dtype).removeprefix('torch.')} here (load_model's choice)")
+    for dtype in measured:
         for what in ("decode", "keystroke"):
-            name, _ = best_forced(dtype, what + "_s")
-            print(f"  {dtype} auto / best forced ({name}), {what}: "
-                  f"{ratios[f'{dtype}_auto_vs_best_forced_{what}']:.3f} (target <= 1.05)")
-    print(f"  float32 auto / transformers, decode: {ratios['decode_vs_transformers']:.2f} (target <= 0.5); "
+            best = best_forced(dtype, what + "_s")
+            if best is not None:
+                print(f"  {dtype} auto / best forced ({best[0]}), {what}: "
+                      f"{ratios[f'{dtype}_auto_vs_best_forced_{what}']:.3f} (target <= 1.05)")
+    print(f"  {auto} / transformers, decode: {ratios['decode_vs_transformers']:.2f} (target <= 0.5); "
           f"{ratios['decode_floor_fraction']:.0%} of the bandwidth floor "
-          f"({floors['float32']['floor_s'] * ms:.1f} ms: {floors['float32']['weight_bytes'] / mib:.0f} MiB "
-          f"weights + {floors['float32']['kv_bytes'] / mib:.0f} MiB KV; transformers "
+          f"({floors[fd]['floor_s'] * ms:.1f} ms: {floors[fd]['weight_bytes'] / mib:.0f} MiB "
+          f"weights + {floors[fd]['kv_bytes'] / mib:.0f} MiB KV; transformers "
           f"{ratios['transformers_decode_floor_fraction']:.0%})")
-    if not args.no_int8:
-        print(f"  int8 auto / float32 auto, decode: {ratios['int8_decode_vs_float32']:.2f} (target <= 0.4); "
+    if "int8" in measured:
+        print(f"  int8 auto / {auto}, decode: {ratios[f'int8_decode_vs_{fd}']:.2f} (target <= 0.4); "
               f"{ratios['int8_decode_floor_fraction']:.0%} of its floor "
               f"({floors['int8']['floor_s'] * ms:.1f} ms: {floors['int8']['weight_bytes'] / mib:.0f} MiB weights)")
     for key, value in ratios.items():
@@ -631,7 +759,9 @@ def main() -> None:
     print(f"  {'transformers DynamicCache':<42}{window['transformers_bytes'] / mib:>9.2f} MiB")
     print(f"  same tokens as transformers: {window['same_tokens']}")
     print(json.dumps({
-        "bench": "engine", "cpu": cpu_model(), "threads": threads, "bandwidth_gbps": round(bandwidth / 1e9, 2),
+        "bench": "engine", "device": device_name(device), "torch_device": str(device), "dtype": fd,
+        "decode_step": args.decode_step, "cpu": cpu_model(), "threads": threads,
+        "bandwidth_gbps": round(bandwidth / 1e9, 2),
         "kernels": {dtype: plan.describe() | {"microseconds": None} for dtype, plan in plans.items()},
         "keystroke_ms": {k: round(keys[k + "_s"] * ms, 1) for k in ("ours", "no_drafts", "cropped", "scratch")},
         "typing_suggestion_ms": {k: round(typing[k + "_s"] * ms, 1) for k in ("ours", "cropped")},
@@ -647,6 +777,7 @@ def main() -> None:
         "targets": {"keystroke_vs_cropped": 0.4, "keystroke_vs_scratch": 0.1, "decode_vs_transformers": 0.5,
                     "auto_vs_best_forced": 1.05, "int8_decode_vs_float32": 0.4, "vs_llama.cpp": 1.0},
         "llama_cpp": llama.get("skipped", "measured"),
+        "not_measured": not_measured,
     }))
 
 

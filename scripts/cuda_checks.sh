@@ -43,6 +43,7 @@ echo "== model, engine and CLI suites with the GPU present"
 for step in ${CUDA_CHECKS_DECODE_STEPS:-off cuda-graph}; do
     echo "== bench/engine_bench.py --device cuda --dtype bfloat16 --decode-step $step"
     "$py" bench/engine_bench.py --device cuda --dtype bfloat16 --decode-step "$step" --keystrokes 10 \
-        --scratch-keystrokes 3 2>&1 | tee "$out/engine_bench_cuda_$step.log" || rc=1
+        --compare-keystrokes 5 --scratch-keystrokes 3 --no-llama 2>&1 \
+        | tee "$out/engine_bench_cuda_$step.log" || rc=1
 done
 exit $rc
