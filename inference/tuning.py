@@ -215,8 +215,9 @@ def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float
            floor: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(seconds per group for one pass through its timed layers, inf where the candidate fell
     ABORT_FACTOR behind the best so far (`best`: the same measure); the least each group's pass
-    takes: its time, or what it had taken when it was stopped). A group where `floor` (the least
-    it can take: its time at a shorter pass) already is that far behind is not run."""
+    takes: its time, or where it was stopped, the time of the layers it ran per layer times the
+    group's timed layers (they share one shape)). A group where `floor` (the least it can take:
+    its time at a shorter pass) already is that far behind is not run."""
     count = {}
     for group, _ in pairs:
         count[group.name] = count.get(group.name, 0) + 1
@@ -234,8 +235,8 @@ def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float
         t0 = time.perf_counter()
         impl.run(layer, x)
         spent[name] += time.perf_counter() - t0
-        least[name] = spent[name]
         timed[name] += 1
+        least[name] = spent[name] * count[name] / timed[name]   # the group's layers: one shape
         if spent[name] > best.get(name, float("inf")) * ABORT_FACTOR * timed[name] / count[name]:
             spent[name] = float("inf")
     return spent, least
@@ -248,8 +249,8 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
     order = {id(layer): i for i, layer in enumerate(layers)}
     points = list(POINTS) + ([chunk] if chunk > POINTS[-1] else [])
     us: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
-    # the least a pass through a group took per candidate and length (seconds, all its layers):
-    # its time, or what it had taken when it fell behind and was stopped
+    # the least a pass through a group takes per candidate and length (seconds, all its layers):
+    # its time, or, where it fell behind and was stopped, extrapolated from the layers it ran
     least: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
 
     def run(impls_here: list[Impl], groups_here: list[Group]) -> None:
@@ -279,9 +280,9 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
                 for impl in runnable:
                     spent, took = _sweep(pairs, impl, xs, best, floors[impl.name])
                     clock.tick(f"{impl.name}, {m} position{'s' if m > 1 else ''}")
-                    for name, seconds in took.items():
+                    for name, seconds in took.items():     # bounds of one pass: the tightest
                         mine = least[name].setdefault(impl.name, {})
-                        mine[m] = min(mine.get(m, float("inf")), seconds * scale[name])
+                        mine[m] = max(mine.get(m, 0.0), seconds * scale[name])
                     for name, seconds in spent.items():
                         if seconds == float("inf"):     # fell behind: left out (not stored)
                             continue
