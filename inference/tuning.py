@@ -211,13 +211,21 @@ def _itemsize(layer: KernelLinear) -> int:
     return torch.empty((), dtype=layer.weight_dtype).element_size()
 
 
-def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float]) -> dict[str, float]:
-    """Seconds per group for one pass through its timed layers; inf where the candidate fell
-    ABORT_FACTOR behind the best so far (`best`: the same measure)."""
+def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float],
+           floor: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds per group for one pass through its timed layers, inf where the candidate fell
+    ABORT_FACTOR behind the best so far (`best`: the same measure); the least each group's pass
+    takes: its time, or where it was stopped, the time of the layers it ran per layer times the
+    group's timed layers (they share one shape)). A group where `floor` (the least it can take:
+    its time at a shorter pass) already is that far behind is not run."""
     count = {}
     for group, _ in pairs:
         count[group.name] = count.get(group.name, 0) + 1
     spent = {name: 0.0 for name in count}
+    least = dict.fromkeys(count, 0.0)
+    for name, seconds in floor.items():
+        if name in spent and seconds > best.get(name, float("inf")) * ABORT_FACTOR:
+            spent[name], least[name] = float("inf"), seconds
     timed = dict.fromkeys(count, 0)
     for group, layer in pairs:
         name = group.name
@@ -228,9 +236,10 @@ def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float
         impl.run(layer, x)
         spent[name] += time.perf_counter() - t0
         timed[name] += 1
+        least[name] = spent[name] * count[name] / timed[name]   # the group's layers: one shape
         if spent[name] > best.get(name, float("inf")) * ABORT_FACTOR * timed[name] / count[name]:
             spent[name] = float("inf")
-    return spent
+    return spent, least
 
 
 def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[Impl], *,
@@ -240,8 +249,12 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
     order = {id(layer): i for i, layer in enumerate(layers)}
     points = list(POINTS) + ([chunk] if chunk > POINTS[-1] else [])
     us: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
+    # the least a pass through a group takes per candidate and length (seconds, all its layers):
+    # its time, or, where it fell behind and was stopped, extrapolated from the layers it ran
+    least: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
 
     def run(impls_here: list[Impl], groups_here: list[Group]) -> None:
+        previous = None     # the pass length measured before this one
         for m in points:
             long = m > POINTS[-1]
             here = [g for g in groups_here if not (long and g.head)]
@@ -253,10 +266,23 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
             scale = {g.name: len(g.layers) / sum(1 for h, _ in pairs if h is g) for g in here}
             xs = _inputs(here, m, dtype)
             best: dict[str, float] = {}
+            # A pass of m positions takes at least as long as a shorter one: a candidate whose
+            # time at the previous length is already ABORT_FACTOR behind the best at this one is
+            # not run (torch's int8 kernel takes ~1 s per layer at a prefill chunk). The fastest
+            # at the previous length go first, so that the best is known early.
+            floors = {i.name: {g.name: least[g.name][i.name][previous] / scale[g.name]
+                               for g in here if previous in least[g.name].get(i.name, {})}
+                      for i in runnable}
+            runnable.sort(key=lambda i: sum(floors[i.name].values())
+                          if len(floors[i.name]) == len(here) else float("inf"))
+            previous = m
             for _ in range(REPEATS):
                 for impl in runnable:
-                    spent = _sweep(pairs, impl, xs, best)
+                    spent, took = _sweep(pairs, impl, xs, best, floors[impl.name])
                     clock.tick(f"{impl.name}, {m} position{'s' if m > 1 else ''}")
+                    for name, seconds in took.items():     # bounds of one pass: the tightest
+                        mine = least[name].setdefault(impl.name, {})
+                        mine[m] = max(mine.get(m, 0.0), seconds * scale[name])
                     for name, seconds in spent.items():
                         if seconds == float("inf"):     # fell behind: left out (not stored)
                             continue

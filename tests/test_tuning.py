@@ -46,8 +46,10 @@ def test_the_faster_candidate_wins_each_pass_length():
     timings = tuning.measure_linear(layers, groups, [short, long], chunk=64, dtype=torch.float32,
                                     clock=tuning.Clock(1, None))
     us = timings["32x16"]["us"]
-    # timed first in each repeat, "short" is never dropped ("long" may be, where it sleeps)
-    assert timings["32x16"]["layers"] == 3 and set(us["short"]) == {1, 2, 4, 8, 16, 64}
+    # "short" is timed up to the first length where it sleeps; from the next one on its time
+    # there (a pass is never faster for more positions) is already far behind "long": not run
+    assert timings["32x16"]["layers"] == 3 and set(us["short"]) == {1, 2, 4}
+    assert {8, 16, 64} <= set(us["long"])
     assert 64 not in timings["64x16 head"]["us"]["short"]     # the head never runs prefill chunks
     for name in ("32x16", "64x16 head"):
         table = tuning.choose_table(timings[name]["us"], [short, long], TORCH)
@@ -62,6 +64,29 @@ def test_the_faster_candidate_wins_each_pass_length():
     for layer in layers:        # the layers run what the table says
         layer.table = table
         assert layer.impl_for(4).name == "capped" and layer.impl_for(5).name == "later"
+
+
+def test_a_candidate_far_behind_at_a_shorter_pass_is_not_run_at_longer_ones():
+    """torch's int8 kernel takes about a second per layer at a prefill chunk: once a candidate's
+    time at a shorter pass is ABORT_FACTOR behind the best at this one, it is not run again."""
+    layers, head = synthetic_layers()
+    groups = tuning.groups_of(layers, head)
+    calls: list[int] = []
+
+    def counted(layer, x):
+        calls.append(x.shape[0])
+        time.sleep(SLOW)
+        return F.linear(x, layer.weight, layer.bias)
+
+    slow = Impl("slow", counted)
+    timings = tuning.measure_linear(layers, groups, [slow, TORCH], chunk=64,
+                                    dtype=torch.float32, clock=tuning.Clock(1, None))
+    # at one position both run (nothing measured before); from then on "slow" runs first only
+    # where it has no time yet: at most its first layer of a group, before it falls behind
+    assert 1 in calls and 64 not in calls and len(calls) < 12
+    assert set(timings["32x16"]["us"]["torch"]) == {1, 2, 4, 8, 16, 64}
+    table = tuning.choose_table(timings["32x16"]["us"], [slow, TORCH], TORCH)
+    assert [impl.name for _, impl in table] == ["torch"]
 
 
 def test_stored_results_are_reused_for_the_same_key(monkeypatch, tmp_path):
