@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from stablelm_lsp.inference.remote.engines import ENDPOINT_KINDS
+from .settings import CHOICES, Settings, SettingsError
 
 EXIT_USAGE = 2
 
@@ -22,20 +22,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "with --endpoint, the served model (a folder or Hub id also gives the "
                         "tokenizer prompts are built with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+    p.add_argument("--dtype", default="auto", choices=CHOICES["dtype"],
                    help="auto: the checkpoint's dtype on GPU, float32 on CPU; int8: int8 weights "
                         "(quantized while loading; activations as auto)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pytorch_model.bin pickle weights (loaded with weights_only=True)")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "cpu"],
+    p.add_argument("--attention", default="auto", choices=CHOICES["attention"],
                    help="attention kernel: auto (flash-attn on CUDA when installed, the own kernel "
                         "for decode steps on a CPU), sdpa, flash, cpu")
     p.add_argument("--linear", default="auto",
-                   choices=["auto", "rows", "torch", "onednn", "onednn-plain", "widen"],
+                   choices=CHOICES["linear"],
                    help="linear layers' kernel: auto (the fastest measured on this machine per pass "
                         "length), or one forced: rows (own), torch, onednn (packed), onednn-plain, "
                         "widen (int8/16-bit weights widened per pass)")
-    p.add_argument("--decode-step", default="off", choices=["off", "static", "compile", "cuda-graph"],
+    p.add_argument("--decode-step", default="off", choices=CHOICES["decode_step"],
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",
                    help="one forward pass per generated token (no draft verification)")
@@ -43,7 +43,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="generate on the inference engine at URL (vLLM, llama.cpp's server, Ollama, "
                         "any OpenAI-compatible server) instead of in this process; an API key is "
                         "read from $STABLELM_LSP_API_KEY")
-    p.add_argument("--endpoint-kind", choices=ENDPOINT_KINDS,
+    p.add_argument("--endpoint-kind", choices=CHOICES["endpoint_kind"],
                    help="the engine's kind (default: auto, detected from the server)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -62,8 +62,6 @@ def open_backend(args: argparse.Namespace):
     """The backend the model arguments name (inference.load.load_backend)."""
     from stablelm_lsp.inference.load import load_backend
 
-    from .settings import Settings
-
     settings = Settings().merged(model_flags(args))
     return load_backend(settings.model, settings.backend_options())
 
@@ -72,8 +70,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug."""
     from stablelm_lsp.inference.api import GenerationError
     from stablelm_lsp.inference.load import ModelError
-
-    from .settings import SettingsError
 
     return (ModelError, GenerationError, SettingsError, FileNotFoundError, IsADirectoryError,
             UnicodeDecodeError)

@@ -175,8 +175,9 @@ class CompletionSessions:
                 return None      # never show a completion for older text
             completions = [completer.finish(pending, result)]
             if choices > 1:
+                budget = pending.request.time_budget_s
                 completions += await self._sampled(completer, pending, choices, completions,
-                                                   cancel, stale, time.monotonic() - asked)
+                                                   cancel, stale, None if budget is None else asked + budget)
         finally:
             if session.inflight is cancel:
                 session.inflight = None
@@ -197,16 +198,14 @@ class CompletionSessions:
 
     async def _sampled(self, completer: Completer, pending: PendingCompletion, choices: int,
                        found: list, cancel: threading.Event, stale: Callable[[], bool],
-                       spent_s: float) -> list:
+                       deadline: float | None) -> list:
         """Sampled completions of the same prompt (its KV cache is reused: only the last prompt
-        token and the new ones run) until `choices` distinct ones are found in all, within
-        what is left of the request's time budget after `spent_s`."""
+        token and the new ones run) until `choices` distinct ones are found in all, before
+        `deadline` (time.monotonic(); the end of the request's time budget)."""
         texts = {c.text for c in found if c is not None}
         more = []
-        started = time.monotonic()
-        budget = pending.request.time_budget_s
         for seed in range(1, CHOICE_ATTEMPTS + 1):
-            left = None if budget is None else budget - spent_s - (time.monotonic() - started)
+            left = None if deadline is None else deadline - time.monotonic()
             if len(texts) >= choices or stale() or (left is not None and left <= 0):
                 break
             request = dataclasses.replace(pending.request, temperature=CHOICE_TEMPERATURE,

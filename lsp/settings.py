@@ -114,7 +114,8 @@ _RANGES = {
     "chat_max_new_tokens": (1, 32768),
     "debounce_ms": (0, 10_000), "debounce_min_ms": (0, 10_000), "timeout_ms": (1, 600_000), "temperature": (0.0, 10.0),
 }
-_CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
+# Values a setting may take; the CLI offers the same (lsp/common.py).
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
             "endpoint_kind": ENDPOINT_KINDS,
             "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen"),
@@ -143,8 +144,8 @@ def _check(name: str, value: Any) -> Any:
         raise ValueError("must not be empty")
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ValueError(f"{value!r} is not one of {', '.join(_CHOICES[name])}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"{value!r} is not one of {', '.join(CHOICES[name])}")
     if name == "endpoint":
         check_endpoint(value)       # ValueError naming what is wrong
     if name == "template":

@@ -212,10 +212,8 @@ def _read_quantized(source: TensorSource, key: str, q: torch.Tensor, scale: torc
         stop = min(n, start + step)
         rows = buf[: stop - start]
         source.read_rows(key, start, stop, rows)
-        if q.device.type == "cpu":
-            quantize_rows(rows, q[start:stop], scale[start:stop])
-        else:   # quantized where the model lives, the same way
-            quantize_rows(rows.to(q.device), q[start:stop], scale[start:stop])
+        # quantized where the model lives (.to is no copy on the CPU)
+        quantize_rows(rows.to(q.device), q[start:stop], scale[start:stop])
 
 
 def _deinterleave_qkv(t: torch.Tensor, cfg: ModelConfig) -> None:
