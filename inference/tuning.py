@@ -214,18 +214,18 @@ def _itemsize(layer: KernelLinear) -> int:
 def _sweep(pairs, impl: Impl, xs: dict[int, torch.Tensor], best: dict[str, float],
            floor: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(seconds per group for one pass through its timed layers, inf where the candidate fell
-    ABORT_FACTOR behind the best so far (`best`: the same measure); the least each group's pass
-    takes: its time, or where it was stopped, the time of the layers it ran per layer times the
-    group's timed layers (they share one shape)). A group where `floor` (the least it can take:
-    its time at a shorter pass) already is that far behind is not run."""
+    ABORT_FACTOR behind the best so far (`best`: the same measure); for the groups it ran, the
+    time, or where it was stopped, the time of the layers it ran per layer times the group's
+    timed layers (they share one shape)). A group where `floor` (the least it can take: its time
+    at a shorter pass) already is that far behind is not run."""
     count = {}
     for group, _ in pairs:
         count[group.name] = count.get(group.name, 0) + 1
     spent = {name: 0.0 for name in count}
-    least = dict.fromkeys(count, 0.0)
+    least: dict[str, float] = {}
     for name, seconds in floor.items():
         if name in spent and seconds > best.get(name, float("inf")) * ABORT_FACTOR:
-            spent[name], least[name] = float("inf"), seconds
+            spent[name] = float("inf")
     timed = dict.fromkeys(count, 0)
     for group, layer in pairs:
         name = group.name
@@ -251,6 +251,8 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
     us: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
     # the least a pass through a group takes per candidate and length (seconds, all its layers):
     # its time, or, where it fell behind and was stopped, extrapolated from the layers it ran
+    # (the least of the repeats: a pause in one does not hide a candidate); where it was never
+    # run at that length, its floor from the length before
     least: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
 
     def run(impls_here: list[Impl], groups_here: list[Group]) -> None:
@@ -280,15 +282,18 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
                 for impl in runnable:
                     spent, took = _sweep(pairs, impl, xs, best, floors[impl.name])
                     clock.tick(f"{impl.name}, {m} position{'s' if m > 1 else ''}")
-                    for name, seconds in took.items():     # bounds of one pass: the tightest
+                    for name, seconds in took.items():
                         mine = least[name].setdefault(impl.name, {})
-                        mine[m] = max(mine.get(m, 0.0), seconds * scale[name])
+                        mine[m] = min(mine.get(m, float("inf")), seconds * scale[name])
                     for name, seconds in spent.items():
                         if seconds == float("inf"):     # fell behind: left out (not stored)
                             continue
                         best[name] = min(best.get(name, float("inf")), seconds)
                         mine = us[name].setdefault(impl.name, {})
                         mine[m] = min(mine.get(m, float("inf")), seconds * scale[name] * 1e6)
+            for impl in runnable:       # not run anywhere here: its floor holds for longer passes
+                for name, seconds in floors[impl.name].items():
+                    least[name].setdefault(impl.name, {}).setdefault(m, seconds * scale[name])
 
     run([i for i in impls if not i.packed], groups)
     packed = [i for i in impls if i.packed]
