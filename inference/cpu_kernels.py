@@ -1,6 +1,6 @@
 """The project's own CPU kernels, built with the machine's C compiler at first use and loaded with
 ctypes: csrc/rows_linear.c (linear layers with float32 or int8 weights for a few positions,
-inference/linear.py) and csrc/decode_attention.c (attention of a few positions
+inference/linear.py), csrc/q8_linear.c (int8 weights times inputs quantized to int8) and csrc/decode_attention.c (attention of a few positions
 over the KV cache, inference/attention.py).
 
 No build step at install time and no dependency: the sources ship with the package; the first
@@ -156,6 +156,27 @@ def _check_linear(kernel: LinearKernel, int8: bool) -> str | None:
     return None
 
 
+def _check_q8(kernel: LinearKernel) -> str | None:
+    """Against the exact arithmetic it implements (models/quantize.py q8_linear_reference) on odd
+    shapes: a K off the 32-input block, with and without a bias, every M."""
+    from stablelm_lsp.models.quantize import q8_linear_reference, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 37, 83
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+    quantize_rows(w, q, scale)
+    for m in range(1, kernel.max_m + 1):
+        x = torch.randn(m, k, generator=g)
+        x[0, 40:72] = 0         # a block of zeros (scale 0)
+        for bias in (b, None):
+            y = torch.empty(m, n)
+            kernel(x, q, scale, bias, y, m, n, k)
+            if not torch.allclose(y.double(), q8_linear_reference(x, q, scale, bias), atol=1e-4, rtol=1e-4):
+                return f"the compiled q8_linear disagrees with its reference arithmetic (m={m})"
+    return None
+
+
 def _check_attention(kernel: AttentionKernel) -> str | None:
     """Against SDPA: GQA, several positions under a mask, a head size off the 16-lane width."""
     import torch.nn.functional as F
@@ -177,13 +198,14 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
     return None
 
 
-def _bind_linear(entry: str):
+def _bind_linear(entry: str, max_m: str = "rows_linear_max_m"):
     def bind(lib: ctypes.CDLL, path: Path) -> LinearKernel:
         fn = getattr(lib, entry)
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         fn.restype = ctypes.c_int
-        lib.rows_linear_max_m.restype = ctypes.c_int
-        return LinearKernel(fn, lib.rows_linear_max_m(), path)
+        longest = getattr(lib, max_m)
+        longest.restype = ctypes.c_int
+        return LinearKernel(fn, longest(), path)
 
     return bind
 
@@ -199,6 +221,7 @@ def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
 # check it must pass
 _KERNELS = {"rows_linear": ("rows_linear", _bind_linear("rows_linear"), lambda k: _check_linear(k, False)),
             "int8_linear": ("rows_linear", _bind_linear("int8_linear"), lambda k: _check_linear(k, True)),
+            "q8_linear": ("q8_linear", _bind_linear("q8_linear", "q8_linear_max_m"), _check_q8),
             "decode_attention": ("decode_attention", _bind_attention, _check_attention)}
 
 
@@ -229,6 +252,11 @@ def load_rows_linear() -> LinearKernel | str:
 def load_int8_linear() -> LinearKernel | str:
     """The int8 linear kernel, built if needed; or a sentence saying why it cannot be used here."""
     return _get("int8_linear")
+
+
+def load_q8_linear() -> LinearKernel | str:
+    """The int8 x int8 linear kernel (inputs quantized per block), built if needed; or why not."""
+    return _get("q8_linear")
 
 
 def build_ids(names: list[str]) -> dict[str, str]:

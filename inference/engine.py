@@ -74,8 +74,9 @@ class Engine:
         prefix_reuse=False computes every prompt from scratch: the baseline benchmarks compare with.
         draft_tokens: most draft tokens verified per pass (0: no speculation; default: from the
         measured cost of a pass, else per device).
-        linear: auto | rows | torch | onednn | onednn-plain | widen: the linear layers' kernels
-        (inference/linear.py; auto: the fastest measured per pass length, inference/tuning.py).
+        linear: auto | rows | torch | onednn | onednn-plain | widen | q8: the linear layers'
+        kernels (inference/linear.py; auto: the fastest measured per pass length,
+        inference/tuning.py; q8, int8 weights only, also rounds the inputs to int8).
         decode_step: off | static | compile | cuda-graph: how single-token steps run
         (inference/captured.py; opt-in).
         progress(fraction, message): while the kernels are measured (the first load of a model

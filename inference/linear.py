@@ -16,13 +16,20 @@ and every layer runs the fastest per range of pass lengths. The implementations:
 - "onednn": oneDNN on weights packed into its blocked layout, which then is the layer's only
   copy: the packed layout serves every pass length of the layer or none (a tied head never packs:
   the embedding lookup needs the plain table).
+- "q8": the own int8 x int8 kernel (csrc/q8_linear.c, int8 weights, up to 16 positions): the
+  inputs are quantized to int8 too, per block of 32, as llama.cpp's Q8_0 does, and 32 weights
+  are multiplied at a time in integers. It does not compute the layer's own arithmetic (the
+  inputs' rounding moves each output by at most models/quantize.py's q8_input_error_bound), so
+  "auto" never chooses it: it runs where forced (`--linear q8`); the benchmarks measure it beside
+  the others.
 - "widen": the layer's weights widened per pass (int8 dequantized, 16-bit converted) to float32
   on a CPU (to the compute dtype on a GPU), then F.linear: one layer's temporary, never a
   second copy of the model; for long passes the conversion is paid once for many positions.
 
 `--linear NAME` forces one implementation for every pass it can run (longer passes than "rows"
 takes go to "onednn-plain", else "torch", for float32 weights and to "widen" for int8 ones).
-Results match F.linear on the same (dequantized) weights to float rounding.
+Results match F.linear on the same (dequantized) weights to float rounding, "q8"'s its reference
+arithmetic (models/quantize.py q8_linear_reference).
 
 On CUDA float layers stay nn.Linear ("torch"); int8 layers get "torch" or "widen".
 """
@@ -45,7 +52,7 @@ from .errors import InvalidParameter
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "rows", "torch", "onednn", "onednn-plain", "widen")
+KERNELS = ("auto", "rows", "torch", "onednn", "onednn-plain", "widen", "q8")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Impl:
     max_m: int | None = None    # the longest pass it takes (None: any)
     packed: bool = False        # runs on oneDNN's packed layout, and only on it
     traced: bool = True         # torch.compile / CUDA graphs can capture it (no ctypes call)
+    quantizes_inputs: bool = False  # rounds the inputs too: not the layer's arithmetic (never auto)
 
     def takes(self, m: int) -> bool:
         return self.max_m is None or m <= self.max_m
@@ -165,15 +173,15 @@ def _torch_int8(layer: KernelLinear, x: torch.Tensor) -> torch.Tensor:
     return y if layer.bias is None else y + layer.bias
 
 
-def _rows_impl(kernel) -> Impl:
-    """The own kernel (float32 or int8 weights: cpu_kernels.LinearKernel)."""
+def _rows_impl(kernel, name: str = "rows") -> Impl:
+    """An own kernel (float32 or int8 weights: cpu_kernels.LinearKernel)."""
     def run(layer: KernelLinear, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         y = x.new_empty(m, layer.out_features)
         kernel(x, layer.weight, layer.scale, layer.bias, y, m, layer.out_features, layer.in_features)
         return y
 
-    return Impl("rows", run, max_m=kernel.max_m, traced=False)
+    return Impl(name, run, max_m=kernel.max_m, traced=False, quantizes_inputs=name == "q8")
 
 
 TORCH = Impl("torch", _torch_float)
@@ -206,6 +214,11 @@ def candidates(device: torch.device, dtype: torch.dtype, int8: bool) -> Candidat
             impls.append(_rows_impl(kernel))
         else:
             problems["rows"] = "; ".join(why)
+        kernel, why = kernel_for("q8_linear", "the own int8 x int8 kernel", device, dtype)
+        if kernel is not None:
+            impls.append(_rows_impl(kernel, "q8"))
+        else:
+            problems["q8"] = "; ".join(why)
         problem = _int8pack_problem(device, dtype)
         if problem is None:
             impls.append(TORCH_INT8)
@@ -221,6 +234,7 @@ def candidates(device: torch.device, dtype: torch.dtype, int8: bool) -> Candidat
         else:
             problems["rows"] = "; ".join(why)
         impls.append(TORCH)
+        problems["q8"] = "the int8 x int8 kernel takes int8 weights"
         problem = _onednn_problem()
         if problem is None:
             impls += [ONEDNN_PLAIN, ONEDNN_PACKED]
@@ -230,9 +244,10 @@ def candidates(device: torch.device, dtype: torch.dtype, int8: bool) -> Candidat
         return Candidates(impls, problems, ONEDNN_PLAIN if problem is None else TORCH)
     if device.type == "cpu":        # 16-bit weights
         problems["rows"] = "the own kernels take float32 or int8 weights"
+        problems["q8"] = "the int8 x int8 kernel takes int8 weights"
         problems["onednn"] = problems["onednn-plain"] = "oneDNN's kernels here take float32 weights"
         return Candidates([TORCH, WIDEN], problems, TORCH)
-    for name in ("rows", "onednn", "onednn-plain", "widen"):
+    for name in ("rows", "onednn", "onednn-plain", "widen", "q8"):
         problems[name] = f"float layers on {device.type} run torch's F.linear"
     return Candidates([TORCH], problems, TORCH)
 

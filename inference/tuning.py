@@ -457,8 +457,8 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
         layer.unpack()
     found = candidates(device, dtype, int8)
     groups = groups_of(layers, model.lm_head)
-    if linear == "auto":
-        impls = found.impls
+    if linear == "auto":     # the layers' own arithmetic (not "q8", which rounds the inputs)
+        impls = [i for i in found.impls if not i.quantizes_inputs]
     else:
         impls = [forced(linear, found)]
         if impls[0].max_m is not None or impls[0].packed:
@@ -471,7 +471,7 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
         return Plan({g.name: table for g in groups}, source=f"{device.type}: not measured")
 
     own_attention = attention.kernel if attention.name == "cpu" else None
-    kernel_names = ["int8_linear" if int8 else "rows_linear", "decode_attention"]
+    kernel_names = (["int8_linear", "q8_linear"] if int8 else ["rows_linear"]) + ["decode_attention"]
     key = {**machine_key(), "kernels": cpu_kernels.build_ids(kernel_names),
            "dtype": str(dtype), "int8": int8, "chunk": chunk, "impls": [i.name for i in impls],
            "groups": [[g.name, len(g.layers)] for g in groups],

@@ -34,7 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    choices=CHOICES["linear"],
                    help="linear layers' kernel: auto (the fastest measured on this machine per pass "
                         "length), or one forced: rows (own), torch, onednn (packed), onednn-plain, "
-                        "widen (int8/16-bit weights widened per pass)")
+                        "widen (int8/16-bit weights widened per pass), q8 (int8 weights: the inputs "
+                        "quantized to int8 too, per block of 32, as llama.cpp's Q8_0; never auto)")
     p.add_argument("--decode-step", default="off", choices=CHOICES["decode_step"],
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",

@@ -118,7 +118,7 @@ _RANGES = {
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
             "endpoint_kind": ENDPOINT_KINDS,
-            "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen"),
+            "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen", "q8"),
             "decode_step": ("off", "static", "compile", "cuda-graph")}
 
 

@@ -36,6 +36,46 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.to(torch.float32) * scale.float()[:, None]).to(dtype)
 
 
+QBLOCK = 32     # inputs per block when the inputs are quantized too (q8_linear_reference)
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x [M, K] (float32) to int8 per block of QBLOCK along K, as llama.cpp's Q8_0 and the
+    own q8 kernel (inference/csrc/q8_linear.c) do: d = max|x[block]| / 127, q = round(x / d),
+    ties to even. Returns q [M, blocks, QBLOCK] (float32 holding integers; zeros past K) and
+    d [M, blocks] (float32)."""
+    m, k = x.shape
+    blocks = -(-k // QBLOCK)
+    xp = F.pad(x.float(), (0, blocks * QBLOCK - k)).view(m, blocks, QBLOCK)
+    d = xp.abs().amax(-1) / QMAX
+    q = torch.where(d[..., None] > 0, xp / torch.where(d > 0, d, 1)[..., None], 0).round_()
+    return q, d
+
+
+def q8_linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """The arithmetic of the q8 kernel, exactly, in float64: int8 weights q [N, K] (scale [N])
+    against the inputs x [M, K] quantized per block (quantize_blocks), each block's dot product
+    an exact integer, y = scale * sum_b d_b * dot_b + bias. Against the float inputs on the same
+    weights it differs by at most q8_input_error_bound."""
+    qx, d = quantize_blocks(x)
+    n, k = q.shape
+    qw = F.pad(q.double(), (0, qx.shape[1] * QBLOCK - k)).view(n, -1, QBLOCK)
+    dots = torch.einsum("mbk,nbk->mnb", qx.double(), qw)
+    y = (dots * d.double()[:, None, :]).sum(-1) * scale.double()
+    return y if bias is None else y + bias.double()
+
+
+def q8_input_error_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[M, N]: how far quantizing the inputs may move each output of a layer with int8 weights
+    q (scale): each input moves by at most half its block's d, so an output by at most
+    sum_b d_b / 2 * sum over the block of |q * scale|."""
+    _, d = quantize_blocks(x)
+    n, k = q.shape
+    aw = F.pad(q.double().abs(), (0, d.shape[1] * QBLOCK - k)).view(n, -1, QBLOCK).sum(-1)
+    return (d.double() / 2) @ aw.T * scale.double()
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 

@@ -17,7 +17,7 @@ from stablelm_lsp.inference.errors import InvalidParameter
 from stablelm_lsp.inference.linear import (KERNELS, KernelLinear, candidates, forced, forced_table,
                                            install)
 from stablelm_lsp.models import load_model
-from stablelm_lsp.models.quantize import dequantize
+from stablelm_lsp.models.quantize import dequantize, q8_linear_reference
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # CI and the README's set-up run where a C compiler is: the own kernels must build there.
@@ -29,7 +29,9 @@ INT8 = [i.name for i in candidates(CPU, torch.float32, int8=True).impls]
 def test_candidates_follow_device_dtype_and_weights():
     assert not isinstance(ROWS, str), ROWS
     assert {"rows", "torch"} <= set(FLOAT32) and set(FLOAT32) <= set(KERNELS)
-    assert {"rows", "widen"} <= set(INT8) and "onednn" not in INT8
+    assert {"rows", "q8", "widen"} <= set(INT8) and "onednn" not in INT8 and "q8" not in FLOAT32
+    with pytest.raises(InvalidParameter, match="cannot use the 'q8' linear kernel: .*int8 weights"):
+        forced("q8", candidates(CPU, torch.float32, int8=False))
     half = candidates(CPU, torch.bfloat16, int8=False)
     assert [i.name for i in half.impls] == ["torch", "widen"]
     gpu = candidates(CUDA, torch.bfloat16, int8=False)
@@ -54,8 +56,10 @@ def test_without_a_compiler_the_own_kernels_are_not_candidates(monkeypatch, tmp_
     try:
         for int8 in (False, True):
             found = candidates(CPU, torch.float32, int8)
-            assert "rows" not in [i.name for i in found.impls]
+            assert not {"rows", "q8"} & {i.name for i in found.impls}
             assert found.problems["rows"] == "no C compiler (cc, gcc or clang) on PATH"
+            if int8:
+                assert found.problems["q8"] == found.problems["rows"]
             with pytest.raises(InvalidParameter, match="no C compiler"):
                 forced("rows", found)
     finally:
@@ -91,6 +95,16 @@ def _layer(n: int, k: int, int8: bool, g: torch.Generator) -> tuple[KernelLinear
     return KernelLinear(q, b, scale), dequantize(q, scale, torch.float32)
 
 
+def _want(layer: KernelLinear, impl, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear on the layer's (dequantized) weights; for "q8" on the passes it runs (longer ones
+    go to the fallback), the arithmetic it implements: the inputs rounded to int8 per block."""
+    if impl.quantizes_inputs and impl.takes(x.numel() // x.shape[-1]):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = q8_linear_reference(x2, layer.weight, layer.scale, layer.bias)
+        return y.float().view(*x.shape[:-1], -1)
+    return F.linear(x, w, layer.bias)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("int8", [False, True])
 def test_every_implementation_matches_f_linear_for_every_pass_length(threads, int8):
@@ -106,10 +120,10 @@ def test_every_implementation_matches_f_linear_for_every_pass_length(threads, in
                     layer.pack()
                 for m in (1, 2, 7, 8, 9, 16, 17, 40):
                     x = torch.randn(2, m, k, generator=g)[1:]    # a batch dim, a non-zero offset
-                    want = F.linear(x, w, layer.bias)
+                    want = _want(layer, impl, x, w)
                     assert torch.allclose(layer(x), want, atol=1e-4, rtol=1e-4), (impl.name, n, k, m)
                     x_t = torch.randn(k, m, generator=g).t()     # not contiguous
-                    assert torch.allclose(layer(x_t), F.linear(x_t, w, layer.bias), atol=1e-4, rtol=1e-4)
+                    assert torch.allclose(layer(x_t), _want(layer, impl, x_t, w), atol=1e-4, rtol=1e-4)
                 layer.unpack()
     finally:
         torch.set_num_threads(1)
@@ -144,7 +158,13 @@ def test_installed_layers_give_the_same_logits_on_the_same_weights(any_checkpoin
                 layer.pack()
         for t in (1, 5, 20):        # a decode step, a draft verification, a prefill
             want, got = plain(ids[:, :t]), model(ids[:, :t])
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (variant, impl.name, t)
+            if impl.quantizes_inputs and t <= impl.max_m:
+                # the inputs' rounding (1/254 of each block's largest, at most) carried through
+                # the layers: close, not equal
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                assert err < 0.05, (variant, t, err)
+            else:
+                assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (variant, impl.name, t)
         for layer in layers:
             layer.unpack()
 
@@ -155,7 +175,8 @@ def test_engine_tokens_do_not_depend_on_the_kernel(stablelm_checkpoint, dtype):
     in a second run (deterministic)."""
     ids = random.Random(1).sample(range(7, 500), 40)
     results = {}
-    names = FLOAT32 if dtype == "float32" else INT8
+    # the layers' own arithmetic ("q8" rounds the inputs too: test_q8_tokens_are_deterministic)
+    names = FLOAT32 if dtype == "float32" else [n for n in INT8 if n != "q8"]
     for kernel in ["auto", *names, names[0]]:
         loaded = load_model(stablelm_checkpoint, device="cpu", dtype=dtype)
         with Engine(loaded, linear=kernel) as engine:
@@ -166,6 +187,24 @@ def test_engine_tokens_do_not_depend_on_the_kernel(stablelm_checkpoint, dtype):
             results.setdefault(kernel, []).append(first)
     want = results["torch"][0]
     assert all(run == want for runs in results.values() for run in runs), results
+
+
+def test_q8_runs_where_forced_and_never_by_measurement(stablelm_checkpoint):
+    """The int8 x int8 kernel rounds the inputs: "auto" never picks it (it chooses among kernels
+    computing the layers' own arithmetic), forced it runs every short pass, and its tokens are
+    the same run after run."""
+    ids = random.Random(1).sample(range(7, 500), 40)
+    with Engine(load_model(stablelm_checkpoint, device="cpu", dtype="int8")) as engine:
+        used = {impl.name for table in engine.kernels.linear.values() for _, impl in table}
+        assert "q8" not in used and "q8" not in engine.kernels.timings["key"]["impls"], used
+    runs = []
+    for _ in range(2):
+        with Engine(load_model(stablelm_checkpoint, device="cpu", dtype="int8"), linear="q8") as engine:
+            assert all(table == engine.kernels.linear[next(iter(engine.kernels.linear))]
+                       for table in engine.kernels.linear.values())
+            assert [(b, i.name) for b, i in next(iter(engine.kernels.linear.values()))] == [(16, "q8"), (None, "widen")]
+            runs.append(engine.generate(ids, max_new_tokens=24).token_ids)
+    assert runs[0] == runs[1] and len(runs[0]) == 24
 
 
 def test_onednn_packs_every_layer_but_a_tied_head(checkpoint_factory):

@@ -1,7 +1,8 @@
 """int8 weights (`dtype="int8"`, models/quantize.py): per-row symmetric quantization within its
 error bound, loading that quantizes exactly what the float checkpoint holds without ever holding
 the float weights (peak memory measured in a subprocess), every int8 kernel within the bound of
-the float layer, and the GPU's torch path (CUDA only)."""
+the float layer (the int8 x int8 kernel "q8" within that bound plus the inputs' rounding), and the
+GPU's torch path (CUDA only)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from stablelm_lsp.inference.engine import Engine
 from stablelm_lsp.inference.linear import KernelLinear, candidates, forced_table
 from stablelm_lsp.models import load_model
-from stablelm_lsp.models.quantize import Int8Embedding, Int8Linear, dequantize, quantize_rows
+from stablelm_lsp.models.quantize import (Int8Embedding, Int8Linear, dequantize, q8_input_error_bound,
+                                          q8_linear_reference, quantize_rows)
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,6 +62,16 @@ def test_every_int8_kernel_is_within_the_bound_of_the_float_layer(threads):
                 for impl in found.impls:
                     layer.table = forced_table(impl, found.fallback)
                     y = layer(x)
+                    if impl.quantizes_inputs and impl.takes(m):
+                        # and the inputs' rounding: its own bound, on top; to float rounding the
+                        # arithmetic it implements
+                        both = bound + q8_input_error_bound(x, q, scale).float() * (1 + 1e-4)
+                        assert ((y - exact).abs() <= both).all(), (impl.name, n, k, m)
+                        weight_only = F.linear(x, dequantize(q, scale, torch.float32), b)
+                        assert not torch.allclose(y, weight_only, atol=1e-6, rtol=1e-6), "inputs not rounded"
+                        assert torch.allclose(y.double(), q8_linear_reference(x, q, scale, b),
+                                              atol=1e-4, rtol=1e-4), (impl.name, m)
+                        continue
                     assert ((y - exact).abs() <= bound).all(), (impl.name, n, k, m)
                     assert torch.allclose(y, F.linear(x, dequantize(q, scale, torch.float32), b),
                                           atol=1e-4, rtol=1e-4), (impl.name, m)

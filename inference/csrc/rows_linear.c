@@ -19,21 +19,14 @@
  */
 #include <stddef.h>
 
+#include "tasks.h"
 #include "vec.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#ifdef _OPENMP
-#define PARALLEL_FOR _Pragma("omp parallel for num_threads(threads) schedule(static) if (threads > 1 && tasks > 1)")
-#else
-#define PARALLEL_FOR
-#endif
-
-#define MAX_M 16
 #define BLOCK_M 8           /* inputs per pass over a row (held in registers) */
-#define ROWS_PER_TASK 32
 
 static inline vf load_f32(const float *p) { return *(const vfu *)p; }
 
