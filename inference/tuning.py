@@ -15,7 +15,7 @@ them: weights streamed from memory, not from a cache that one layer alone would 
 the first layers holding SWEEP_BYTES, the time scaled to all of them), timing each call; a candidate more than ABORT_FACTOR times slower than the best so far on a group stops
 being timed there. Candidates alternate within each repeat, so a burst of load from another
 process falls on all of them. Prefill chunks are bound by arithmetic: one layer per group is
-timed there. The output head never runs prefill chunks (the engine asks for the last position's
+timed there, on its first CHUNK_ROWS output rows (all of them for oneDNN's packed layout). The output head never runs prefill chunks (the engine asks for the last position's
 logits only).
 
 The result (timings; the choices follow from them) is stored beside the kernel cache
@@ -60,6 +60,10 @@ ATTENTION_CONTEXT = 1024    # keys attended while timing attention (fewer if the
 # Weights timed per group and sweep: the first layers holding this much (more than the last-level
 # caches here, so weights stream from memory as in a decode step), the time scaled to them all
 SWEEP_BYTES = 48 << 20
+# At a prefill chunk (bound by arithmetic: time grows with the rows) a layer is timed on its first
+# CHUNK_ROWS output rows (a view, no copy), the time scaled to all of them: torch's int8 kernel
+# takes ~1 s for a whole 4096x768 layer there
+CHUNK_ROWS = 256
 
 Progress = Callable[[float, str], None]
 
@@ -207,6 +211,17 @@ def _timed_layers(groups: list[Group], order: dict[int, int], first_only: bool):
     return sorted(pairs, key=lambda gl: order[id(gl[1])])
 
 
+def _first_rows(layer: KernelLinear) -> KernelLinear:
+    """A layer computing the first CHUNK_ROWS outputs of `layer` (views of its tensors)."""
+    r = min(CHUNK_ROWS, layer.out_features)
+    if r == layer.out_features:
+        return layer
+    part = KernelLinear(layer.weight[:r], None if layer.bias is None else layer.bias[:r],
+                        None if layer.scale is None else layer.scale[:r])
+    part.table = layer.table
+    return part
+
+
 def _itemsize(layer: KernelLinear) -> int:
     return torch.empty((), dtype=layer.weight_dtype).element_size()
 
@@ -255,7 +270,7 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
     # run at that length, its floor from the length before
     least: dict[str, dict[str, dict[int, float]]] = {g.name: {} for g in groups}
 
-    def run(impls_here: list[Impl], groups_here: list[Group]) -> None:
+    def run(impls_here: list[Impl], groups_here: list[Group], sliced: bool) -> None:
         previous = None     # the pass length measured before this one
         for m in points:
             long = m > POINTS[-1]
@@ -266,6 +281,10 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
             pairs = _timed_layers(here, order, first_only=long)
             # a group's time is scaled from its timed layers to all of them
             scale = {g.name: len(g.layers) / sum(1 for h, _ in pairs if h is g) for g in here}
+            if long and sliced:     # and from the rows timed to all of them
+                pairs = [(g, _first_rows(layer)) for g, layer in pairs]
+                for g, layer in pairs:
+                    scale[g.name] *= g.layers[0].out_features / layer.out_features
             xs = _inputs(here, m, dtype)
             best: dict[str, float] = {}
             # A pass of m positions takes at least as long as a shorter one: a candidate whose
@@ -295,7 +314,7 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
                 for name, seconds in floors[impl.name].items():
                     least[name].setdefault(impl.name, {}).setdefault(m, seconds * scale[name])
 
-    run([i for i in impls if not i.packed], groups)
+    run([i for i in impls if not i.packed], groups, sliced=True)
     packed = [i for i in impls if i.packed]
     packable = [g for g in groups if g.can_pack]
     if packed and packable:
@@ -303,7 +322,7 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
         for layer in timed:     # one layer's copy at a time: packing releases the plain weight
             layer.pack()
         try:
-            run(packed, packable)
+            run(packed, packable, sliced=False)
         finally:
             for layer in timed:
                 layer.unpack()

@@ -89,6 +89,27 @@ def test_a_candidate_far_behind_at_a_shorter_pass_is_not_run_at_longer_ones():
     assert [impl.name for _, impl in table] == ["torch"]
 
 
+def test_a_prefill_chunk_is_timed_on_the_first_rows_and_scaled(monkeypatch):
+    """At the chunk one layer per group runs, on its first CHUNK_ROWS output rows (views of its
+    weights), and the time is scaled to all rows and layers: a candidate sleeping a fixed time
+    per call at the chunk is charged that time x (rows / CHUNK_ROWS) x layers."""
+    monkeypatch.setattr(tuning, "CHUNK_ROWS", 8)
+    layers, head = synthetic_layers()       # three 32x16 layers
+    seen: list[tuple[int, int]] = []
+
+    def run(layer, x):
+        if x.shape[0] == 64:
+            seen.append((layer.out_features, layer.weight.data_ptr()))
+            time.sleep(SLOW)
+        return F.linear(x, layer.weight, layer.bias)
+
+    timings = tuning.measure_linear(layers, tuning.groups_of(layers, head), [Impl("sliced", run)],
+                                    chunk=64, dtype=torch.float32, clock=tuning.Clock(1, None))
+    assert seen == [(8, layers[0].weight.data_ptr())] * tuning.REPEATS    # no copy
+    charged = timings["32x16"]["us"]["sliced"][64] / 1e6
+    assert 3 * 4 * SLOW <= charged < 3 * 4 * SLOW * 3, charged
+
+
 def test_stored_results_are_reused_for_the_same_key(monkeypatch, tmp_path):
     monkeypatch.setenv("STABLELM_LSP_CACHE", str(tmp_path))
     monkeypatch.setattr(tuning, "busy", lambda: False)
