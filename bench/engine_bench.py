@@ -558,7 +558,9 @@ def sliding_window_memory(out: Path) -> dict:
 def decode_floor(path: Path, bandwidth: float, int8: bool) -> dict:
     """(weight bytes read per token + KV bytes read) / bandwidth on TARGET's device, in its float
     dtype and (int8) with int8 weights: the weights but the input embedding (one row is
-    gathered), plus the head (the embedding when tied); the KV cache in the compute dtype."""
+    gathered), plus the head (the embedding when tied); the KV cache in the engine's default
+    dtype (float16 for int8 weights on a CPU, else the compute dtype)."""
+    from stablelm_lsp.inference.engine import kv_cache_dtype
     from stablelm_lsp.models import load_model
 
     floors = {}
@@ -569,7 +571,8 @@ def decode_floor(path: Path, bandwidth: float, int8: bool) -> dict:
         if model.tied:
             weights += model.embed.weight.nbytes + getattr(model.embed, "scale", torch.empty(0)).nbytes
         context = PROMPT_TOKENS + DECODE_STEPS // 2   # mean context over the measured steps
-        kv = context * model.cfg.kv_bytes_per_token * element_size(loaded.dtype)
+        kv_dtype = kv_cache_dtype("auto", torch.device(loaded.device), loaded.dtype, dtype == "int8")
+        kv = context * model.cfg.kv_bytes_per_token * element_size(kv_dtype)
         floors[dtype] = {"floor_s": (weights + kv) / bandwidth, "weight_bytes": weights, "kv_bytes": kv}
         del loaded, model
     return floors

@@ -194,7 +194,8 @@ class CpuDecodeAttention:
         batch, heads, t, dim = q.shape
         kv_heads, s = key.shape[1], key.shape[2]
         if (batch != 1 or t > CPU_MAX_POSITIONS or not self.own[t] or attn.is_causal
-                or q.dtype != torch.float32 or key.stride(3) != 1 or key.stride(2) != dim
+                or q.dtype != torch.float32 or key.dtype not in self.kernel.DTYPES
+                or key.stride(3) != 1 or key.stride(2) != dim
                 or value.stride() != key.stride()):
             return attend(q, key, value, attn.mask, attn.is_causal)
         return self.run_own(q, key, value, attn.mask)

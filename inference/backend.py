@@ -45,7 +45,7 @@ class LocalBackend(Backend):
         kv_budget.py).
         attention: auto | sdpa | flash (inference/attention.py). prefix_reuse=False: no KV reuse
         across requests (a measurement baseline). engine_options: the Engine's draft_tokens,
-        linear, decode_step and progress (inference/engine.py)."""
+        linear, decode_step, kv_dtype and progress (inference/engine.py)."""
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self._line_text_ids: dict[bool, torch.Tensor] = {}     # see _nonblank
@@ -58,7 +58,8 @@ class LocalBackend(Backend):
             stop_texts=tuple(sorted(t for t in map(tok.id_to_token, tok.stop_ids) if t)),
             chat_template=tok.chat_template, device=str(loaded.device),
             dtype=loaded.quantization or str(loaded.dtype).removeprefix("torch."),
-            kernels=self.engine.kernels.describe(),
+            kernels={**self.engine.kernels.describe(),
+                     "kvDtype": str(self.engine.kv_dtype).removeprefix("torch.")},
         )
 
     @classmethod

@@ -52,14 +52,19 @@ class LinearKernel:
 
 @dataclass
 class AttentionKernel:
+    """decode_attention over a float32 cache (fn) or a float16 one (fn16): picked by k's dtype."""
     fn: ctypes._CFuncPtr
+    fn16: ctypes._CFuncPtr
     path: Path
+
+    DTYPES = (torch.float32, torch.float16)     # of the cache it reads; queries are float32
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                  out: torch.Tensor, heads: int, kv_heads: int, t: int, s: int, d: int,
                  head_stride: int, scale: float) -> None:
-        rc = self.fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
-                     out.data_ptr(), heads, kv_heads, t, s, d, head_stride, scale, torch.get_num_threads())
+        fn = self.fn16 if k.dtype == torch.float16 else self.fn
+        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), None if mask is None else mask.data_ptr(),
+                out.data_ptr(), heads, kv_heads, t, s, d, head_stride, scale, torch.get_num_threads())
         if rc:
             raise RuntimeError(f"decode_attention refused heads={heads}/{kv_heads} t={t} s={s} d={d}")
 
@@ -178,23 +183,25 @@ def _check_q8(kernel: LinearKernel) -> str | None:
 
 
 def _check_attention(kernel: AttentionKernel) -> str | None:
-    """Against SDPA: GQA, several positions under a mask, a head size off the 16-lane width."""
+    """Against SDPA (on the float32 values of a float16 cache): GQA, several positions under a
+    mask, a head size off the 16-lane width."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, t, s, d, capacity = 6, 2, 3, 70, 24, 96
-    k = torch.randn(1, kv_heads, capacity, d, generator=g)[:, :, :s]
-    v = torch.randn(1, kv_heads, capacity, d, generator=g)[:, :, :s]
-    q = torch.randn(1, heads, t, d, generator=g)
-    mask = torch.rand(t, s, generator=g) > 0.3
-    mask[:, 0] = True
-    for m in (mask, None):
-        out = torch.empty_like(q)
-        kernel(q, k, v, None if m is None else m.view(torch.uint8), out, heads, kv_heads, t, s, d,
-               k.stride(1), d ** -0.5)
-        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
-        if not torch.allclose(out, want, atol=1e-4, rtol=1e-4):
-            return "the compiled attention kernel disagrees with SDPA"
+    for dtype in AttentionKernel.DTYPES:
+        k = torch.randn(1, kv_heads, capacity, d, generator=g).to(dtype)[:, :, :s]
+        v = torch.randn(1, kv_heads, capacity, d, generator=g).to(dtype)[:, :, :s]
+        q = torch.randn(1, heads, t, d, generator=g)
+        mask = torch.rand(t, s, generator=g) > 0.3
+        mask[:, 0] = True
+        for m in (mask, None):
+            out = torch.empty_like(q)
+            kernel(q, k, v, None if m is None else m.view(torch.uint8), out, heads, kv_heads, t, s, d,
+                   k.stride(1), d ** -0.5)
+            want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=m, enable_gqa=True)
+            if not torch.allclose(out, want, atol=1e-4, rtol=1e-4):
+                return f"the compiled attention kernel disagrees with SDPA ({dtype} cache)"
     return None
 
 
@@ -211,10 +218,11 @@ def _bind_linear(entry: str, max_m: str = "rows_linear_max_m"):
 
 
 def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
-    fn = lib.decode_attention
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return AttentionKernel(fn, path)
+    fns = lib.decode_attention, lib.decode_attention_f16
+    for fn in fns:
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return AttentionKernel(*fns, path)
 
 
 # kernel -> the source it is built from (csrc/<source>.c), how its entry point is bound, and the

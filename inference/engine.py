@@ -10,6 +10,7 @@ Prefill runs in chunks and records each one as it completes, so a request stoppe
 """
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import threading
@@ -47,6 +48,27 @@ _PREVIOUS_KEYS = 64
 
 log = logging.getLogger(__name__)
 
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def kv_cache_dtype(requested: str, device: torch.device, dtype: torch.dtype, int8: bool) -> torch.dtype:
+    """The KV cache's dtype. A decode step at long context reads the whole cache: in float16 it
+    reads half the bytes (the own CPU attention kernel widens it in registers; SDPA reads it
+    converted), at the price of rounding the keys and values to float16. "auto": float16 for int8
+    weights on a CPU (already a quantized model; the cache is then as large as the weights at
+    ~2000 tokens on the 160M model), else the compute dtype (exact against transformers). Another
+    dtype than the compute dtype is for CPUs (flash-attn and the captured GPU steps read the
+    cache in the compute dtype)."""
+    if requested not in KV_DTYPES:
+        raise InvalidParameter(f"unknown KV cache dtype {requested!r} (choose from {', '.join(KV_DTYPES)})")
+    if requested == "auto":
+        return torch.float16 if int8 and device.type == "cpu" and dtype == torch.float32 else dtype
+    wanted = getattr(torch, requested)
+    if wanted != dtype and device.type != "cpu":
+        raise InvalidParameter(f"a KV cache in {requested} with the model in "
+                               f"{str(dtype).removeprefix('torch.')} is for CPUs (this is {device.type})")
+    return wanted
+
 
 @dataclass
 class EngineResult:
@@ -67,7 +89,7 @@ TokenCallback = Callable[[int], "str | None"]
 class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
                  attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
-                 linear: str = "auto", decode_step: str = "off",
+                 linear: str = "auto", decode_step: str = "off", kv_dtype: str = "auto",
                  progress: Callable[[float, str], None] | None = None):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype, .quantization).
         attention: auto | sdpa | flash | cpu (inference/attention.py); the engine installs it in the model.
@@ -79,6 +101,8 @@ class Engine:
         inference/tuning.py; q8, int8 weights only, also rounds the inputs to int8).
         decode_step: off | static | compile | cuda-graph: how single-token steps run
         (inference/captured.py; opt-in).
+        kv_dtype: auto | float32 | float16 | bfloat16: the KV cache's dtype (see kv_cache_dtype;
+        auto: float16 for int8 weights on a CPU, else the compute dtype).
         progress(fraction, message): while the kernels are measured (the first load of a model
         on a machine); it may raise to stop."""
         self.prefix_reuse = prefix_reuse
@@ -100,14 +124,16 @@ class Engine:
         if decode_step == "compile" and linear != "auto":
             raise InvalidParameter(f"cannot use the {linear!r} linear kernel: the decode step is "
                                    "compiled with torch.compile")
+        int8 = getattr(loaded, "quantization", None) == "int8"
+        self.kv_dtype = kv_cache_dtype(kv_dtype, self.device, self.dtype, int8)
         self._previous: LRU[str | None, list[int]] = LRU(_PREVIOUS_KEYS)
         self.attention = select_attention(attention, self.device, self.dtype, cfg)
         install(self.model, cfg, self.attention)
         self.kernels = plan_kernels(self.model, device=self.device, dtype=self.dtype,
-                                    int8=getattr(loaded, "quantization", None) == "int8",
-                                    linear=linear, attention=self.attention,
+                                    int8=int8, linear=linear, attention=self.attention,
                                     attention_requested=attention, chunk=self.prefill_chunk,
-                                    compiled=decode_step == "compile", progress=progress)
+                                    compiled=decode_step == "compile", progress=progress,
+                                    kv_dtype=self.kv_dtype)
         if draft_tokens is None:
             draft_tokens = self.kernels.draft_tokens
         if draft_tokens is None:
@@ -126,12 +152,13 @@ class Engine:
         self._budget_share = None
         if budget_tokens is None:
             # a share of the device's KV budget, shared with the process's other engines
-            per_token = cfg.kv_bytes_per_token * torch.empty((), dtype=self.dtype).element_size()
+            per_token = cfg.kv_bytes_per_token * torch.empty((), dtype=self.kv_dtype).element_size()
             self._budget_share = DeviceBudget.for_device(self.device).join(
                 per_token, ring if ring is not None else cfg.max_positions,
                 lambda: self.prefix_cache.nbytes)
             budget_tokens = lambda: self._budget_share.tokens  # noqa: E731
-        self.prefix_cache = PrefixCache(self.model.new_cache, budget_tokens, cfg.max_positions, ring)
+        self.prefix_cache = PrefixCache(functools.partial(self.model.new_cache, dtype=self.kv_dtype),
+                                        budget_tokens, cfg.max_positions, ring)
         self.scheduler = Scheduler()
 
     def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int,

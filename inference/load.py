@@ -37,6 +37,7 @@ class BackendOptions:
     attention: str = "auto"         # auto | sdpa | flash | cpu (inference/attention.py)
     linear: str = "auto"            # auto (measured) or a forced kernel (inference/linear.py)
     decode_step: str = "off"        # off | static | compile | cuda-graph (inference/captured.py)
+    kv_dtype: str = "auto"          # auto | float32 | float16 | bfloat16 (inference/engine.py)
     speculation: bool = True        # verify drafts in one pass (inference/speculation.py)
     prefix_cache: bool = True       # reuse KV across requests (off only for measurements)
     allow_pickle: bool = False      # allow pytorch_model.bin (weights_only=True)
@@ -87,5 +88,5 @@ def load_backend(model: str | None, options: BackendOptions = BackendOptions()) 
                              dtype=options.dtype, allow_pickle=options.allow_pickle,
                              progress=options.progress, prefix_reuse=options.prefix_cache,
                              attention=options.attention, linear=options.linear,
-                             decode_step=options.decode_step,
+                             decode_step=options.decode_step, kv_dtype=options.kv_dtype,
                              **engine)

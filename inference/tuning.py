@@ -337,12 +337,14 @@ def sweeps(groups: list[Group], impls: list[Impl], chunk: int, attention: bool) 
     return linear + len(POINTS) * (2 if attention else 1) * REPEATS
 
 
-def measure_attention(model, kernel, *, points=POINTS, clock: Clock) -> dict:
+def measure_attention(model, kernel, *, points=POINTS, clock: Clock,
+                      kv_dtype: torch.dtype | None = None) -> dict:
     """{"us": {"cpu"|"sdpa": {t: microseconds for all layers}}, "context": S} for steps of t
-    positions over S cached ones; kernel: the own one (None: SDPA alone)."""
+    positions over S cached ones (in kv_dtype; None: the compute dtype); kernel: the own one
+    (None: SDPA alone)."""
     cfg = model.cfg
     s = min(ATTENTION_CONTEXT, cfg.max_positions - points[-1])
-    cache = model.new_cache(s + points[-1])
+    cache = model.new_cache(s + points[-1], dtype=kv_dtype)
     g = torch.Generator().manual_seed(0)
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
@@ -352,10 +354,11 @@ def measure_attention(model, kernel, *, points=POINTS, clock: Clock) -> dict:
     heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     us: dict[str, dict[int, float]] = {"sdpa": {}, **({"cpu": {}} if own else {})}
     for t in points:
-        q = torch.randn(1, heads, t, dim, generator=g, dtype=cache.k.dtype)
+        q = torch.randn(1, heads, t, dim, generator=g, dtype=model.dtype)
         mask = None if t == 1 else (torch.arange(s + t)[None, :] <= torch.arange(s, s + t)[:, None])
-        runs = {"sdpa": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                                    enable_gqa=heads != kv_heads)}
+        # SDPA reads a cache of another dtype in the queries' (models/decoder.py attend)
+        runs = {"sdpa": lambda k, v: F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=heads != kv_heads)}
         if own is not None:
             runs["cpu"] = lambda k, v: own.run_own(q, k, v, mask)
         for _ in range(REPEATS):
@@ -459,7 +462,7 @@ def draft_length(cost: dict[int, float], acceptance: float = ACCEPTANCE) -> int:
 
 def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear: str,
          attention, attention_requested: str, chunk: int, compiled: bool,
-         progress: Progress | None = None) -> Plan:
+         progress: Progress | None = None, kv_dtype: torch.dtype | None = None) -> Plan:
     """Install the linear layers' kernels and set the attention table for `model` (on a CPU
     by measurement, kept on disk); returns what was chosen. attention: the installed
     attention.AttentionChoice ("cpu" brings the own kernel; auto measures it against SDPA)."""
@@ -495,13 +498,14 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
            "dtype": str(dtype), "int8": int8, "chunk": chunk, "impls": [i.name for i in impls],
            "groups": [[g.name, len(g.layers)] for g in groups],
            "attention": [model.cfg.num_heads, model.cfg.num_kv_heads, model.cfg.head_dim,
-                         model.cfg.num_layers, model.cfg.max_positions, own_attention is not None]}
+                         model.cfg.num_layers, model.cfg.max_positions, own_attention is not None,
+                         str(kv_dtype or dtype)]}
 
     def measure() -> dict:
         clock = Clock(sweeps(groups, impls, chunk, own_attention is not None), progress)
         with torch.inference_mode():
             return {"linear": measure_linear(layers, groups, impls, chunk=chunk, dtype=dtype, clock=clock),
-                    "attention": measure_attention(model, own_attention, clock=clock)}
+                    "attention": measure_attention(model, own_attention, clock=clock, kv_dtype=kv_dtype)}
 
     timings, source = measured(key, measure)
     tables = {}

@@ -38,6 +38,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "quantized to int8 too, per block of 32, as llama.cpp's Q8_0; never auto)")
     p.add_argument("--decode-step", default="off", choices=CHOICES["decode_step"],
                    help="run single-token steps captured: cuda-graph (CUDA), compile (torch.compile)")
+    p.add_argument("--kv-dtype", default="auto", choices=CHOICES["kv_dtype"],
+                   help="the KV cache's dtype: auto (float16 for int8 weights on a CPU: half the "
+                        "bytes a decode step reads; else the model's), float32, float16, bfloat16 "
+                        "(another than the model's: CPUs only)")
     p.add_argument("--no-speculation", dest="speculation", action="store_false",
                    help="one forward pass per generated token (no draft verification)")
     p.add_argument("--endpoint", metavar="URL",
@@ -54,7 +58,7 @@ def model_flags(args: argparse.Namespace) -> dict:
     flags = {"model": args.model, "device": args.device, "dtype": args.dtype,
              "allowPickle": args.allow_pickle or None, "attention": args.attention,
              "linear": args.linear,
-             "decodeStep": args.decode_step, "speculation": False if not args.speculation else None,
+             "decodeStep": args.decode_step, "kvDtype": args.kv_dtype, "speculation": False if not args.speculation else None,
              "endpoint": args.endpoint, "endpointKind": args.endpoint_kind}
     return {k: v for k, v in flags.items() if v is not None}
 

@@ -52,6 +52,7 @@ class Settings:
     attention: str = "auto"           # auto | sdpa | flash | cpu (inference/attention.py)
     linear: str = "auto"              # auto (measured) or one forced kernel (inference/linear.py)
     decode_step: str = "off"          # off | static | compile | cuda-graph (inference/captured.py)
+    kv_dtype: str = "auto"            # auto | float32 | float16 | bfloat16 (inference/engine.py)
     endpoint: str | None = None       # a remote engine's URL: generation runs there
     endpoint_kind: str = "auto"       # auto | openai | vllm | llamacpp | ollama
 
@@ -65,7 +66,8 @@ class Settings:
         """How inference.load.load_backend runs the model under these settings."""
         return BackendOptions(device=self.device, dtype=self.dtype, attention=self.attention,
                               linear=self.linear,
-                              decode_step=self.decode_step, speculation=self.speculation,
+                              decode_step=self.decode_step, kv_dtype=self.kv_dtype,
+                              speculation=self.speculation,
                               prefix_cache=self.prefix_cache, allow_pickle=self.allow_pickle,
                               endpoint=self.endpoint, endpoint_kind=self.endpoint_kind,
                               progress=progress)
@@ -119,7 +121,8 @@ CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16", "int8"),
             "attention": ("auto", "sdpa", "flash", "cpu"),
             "endpoint_kind": ENDPOINT_KINDS,
             "linear": ("auto", "rows", "torch", "onednn", "onednn-plain", "widen", "q8"),
-            "decode_step": ("off", "static", "compile", "cuda-graph")}
+            "decode_step": ("off", "static", "compile", "cuda-graph"),
+            "kv_dtype": ("auto", "float32", "float16", "bfloat16")}
 
 
 def _check(name: str, value: Any) -> Any:

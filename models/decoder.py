@@ -101,7 +101,10 @@ def attend(q, key, value, mask: torch.Tensor | None, is_causal: bool) -> torch.T
     Grouped-query attention (K < H) without the causal flag folds the H / K query heads that share
     a kv head into the query positions ([B, K, G*T, D], the mask repeated per group): the same
     math, each kv head read once, and the mask goes to SDPA's fused kernels (`enable_gqa` with a
-    mask falls back to the slow math kernel on CUDA)."""
+    mask falls back to the slow math kernel on CUDA). A cache kept in another dtype than the
+    queries' (Decoder.new_cache) is read in theirs."""
+    if key.dtype != q.dtype:
+        key, value = key.to(q.dtype), value.to(q.dtype)
     heads, kv_heads = q.shape[1], key.shape[1]
     if heads == kv_heads:
         return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, is_causal=is_causal)
@@ -121,8 +124,8 @@ def static_sdpa_attention(q, key, value, layer: int, cache: "KVCache", attn: "At
     tensor) and attend over the cache's whole capacity under `attn.mask`; no shape depends on
     the position, so the step can be captured (CUDA graphs) or compiled once."""
     k, v = cache.k[layer], cache.v[layer]
-    k.index_copy_(2, attn.slots, key)
-    v.index_copy_(2, attn.slots, value)
+    k.index_copy_(2, attn.slots, key.to(k.dtype))
+    v.index_copy_(2, attn.slots, value.to(v.dtype))
     return attend(q, k, v, attn.mask, False)
 
 
@@ -320,8 +323,8 @@ class KVCache:
             k[:, :, start: attn.kv_len] = key
             v[:, :, start: attn.kv_len] = value
         else:
-            k.index_copy_(2, attn.slots, key)
-            v.index_copy_(2, attn.slots, value)
+            k.index_copy_(2, attn.slots, key.to(k.dtype))
+            v.index_copy_(2, attn.slots, value.to(v.dtype))
         return k[:, :, : attn.kv_len], v[:, :, : attn.kv_len]
 
 
@@ -378,12 +381,15 @@ class Decoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: activations and KV cache (the norms are never quantized)."""
+        """The compute dtype: activations, and the KV cache unless new_cache is given another
+        (the norms are never quantized)."""
         return self.norm.weight.dtype
 
-    def new_cache(self, capacity: int, batch: int = 1) -> KVCache:
+    def new_cache(self, capacity: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache in `dtype` (None: the compute dtype). Another dtype is read in the
+        compute dtype by attention (a float16 cache on a CPU: half the bytes read per step)."""
         p = self.norm.weight
-        return KVCache(self.cfg, capacity, device=p.device, dtype=p.dtype, batch=batch)
+        return KVCache(self.cfg, capacity, device=p.device, dtype=dtype or p.dtype, batch=batch)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,

@@ -90,20 +90,23 @@ def test_own_cpu_kernel_matches_sdpa(threads):
         # comes late (the running maximum is rescaled)
         for heads, kv_heads, t, s, dim in [(12, 12, 1, 1500, 64), (8, 2, 5, 300, 80), (4, 4, 3, 37, 24),
                                            (6, 2, 16, 129, 16), (2, 1, 1, 200, 256)]:
-            cache_k = torch.randn(1, kv_heads, s + 40, dim, generator=g)
-            cache_v = torch.randn(1, kv_heads, s + 40, dim, generator=g)
-            cache_k[:, :, s - 1] *= 8
-            key, value = cache_k[:, :, :s], cache_v[:, :, :s]
-            q = torch.randn(1, t, heads, dim, generator=g).transpose(1, 2)     # not contiguous
-            mask = None
-            if t > 1:
-                mask = torch.rand(t, s, generator=g) > 0.4
-                mask[:, 0] = True
-            attn = type("Attn", (), {"mask": mask, "is_causal": False})()
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q, key, value, attn_mask=mask, enable_gqa=heads != kv_heads)
-            got = attention(q, key, value, 0, None, attn)
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+            for dtype in (torch.float32, torch.float16):     # the cache's (Engine kv_dtype)
+                cache_k = torch.randn(1, kv_heads, s + 40, dim, generator=g)
+                cache_v = torch.randn(1, kv_heads, s + 40, dim, generator=g)
+                cache_k[:, :, s - 1] *= 8
+                key, value = cache_k[:, :, :s].to(dtype), cache_v[:, :, :s].to(dtype)
+                q = torch.randn(1, t, heads, dim, generator=g).transpose(1, 2)     # not contiguous
+                mask = None
+                if t > 1:
+                    mask = torch.rand(t, s, generator=g) > 0.4
+                    mask[:, 0] = True
+                attn = type("Attn", (), {"mask": mask, "is_causal": False})()
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q, key.float(), value.float(), attn_mask=mask, enable_gqa=heads != kv_heads)
+                got = attention(q, key, value, 0, None, attn)
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+                # SDPA's path reads such a cache in the queries' dtype
+                torch.testing.assert_close(attend(q, key, value, mask, False), want, atol=2e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(1)
 
@@ -180,6 +183,52 @@ def test_engine_tokens_do_not_depend_on_the_attention_kernel(checkpoint_factory)
                 results[kernel] = (first.token_ids, again.token_ids, again.accepted_tokens > 0)
         assert results["cpu"] == results["sdpa"], variant
         assert results["cpu"][2], "the second request verified no draft"
+
+
+def test_a_float16_kv_cache(checkpoint_factory):
+    """kv_dtype: "auto" keeps float32 models' cache in float32 (exact) and int8 ones' in float16
+    on a CPU; a float16 cache holds half the bytes, the own kernel and SDPA read it alike (the
+    same tokens, drafts and a wrapping ring included), and its logits stay near the float32
+    cache's; another dtype than the model's is refused off the CPU."""
+    from stablelm_lsp.inference.engine import kv_cache_dtype
+    from stablelm_lsp.inference.errors import InvalidParameter
+
+    cpu = torch.device("cpu")
+    assert kv_cache_dtype("auto", cpu, torch.float32, int8=False) == torch.float32
+    assert kv_cache_dtype("auto", cpu, torch.float32, int8=True) == torch.float16
+    assert kv_cache_dtype("auto", CUDA, torch.bfloat16, int8=True) == torch.bfloat16
+    assert kv_cache_dtype("bfloat16", CUDA, torch.bfloat16, int8=False) == torch.bfloat16
+    with pytest.raises(InvalidParameter, match="is for CPUs"):
+        kv_cache_dtype("float16", CUDA, torch.bfloat16, int8=False)
+    with pytest.raises(InvalidParameter, match="unknown KV cache dtype"):
+        kv_cache_dtype("int4", cpu, torch.float32, int8=False)
+    for variant in ("stablelm-2-12b", "starcoder2"):    # GQA; GQA + a wrapping ring
+        path = checkpoint_factory(variant)
+        prompt = random.Random(2).sample(range(7, 500), 60)
+        results, held = {}, {}
+        for kernel in ("sdpa", "cpu"):
+            for kv in ("float32", "float16"):
+                with Engine(load_model(path, device="cpu", dtype="float32"), attention=kernel,
+                            kv_dtype=kv) as engine:
+                    first = engine.generate(prompt, max_new_tokens=40, key="doc")
+                    again = engine.generate(prompt + first.token_ids[:3], max_new_tokens=30, key="doc")
+                    results[kernel, kv] = (first.token_ids, again.token_ids)
+                    slots = engine.prefix_cache.slots
+                    assert slots and all(slot.cache.k.dtype == getattr(torch, kv) for slot in slots)
+                    held[kv] = sum(slot.cache.nbytes for slot in slots) / sum(
+                        slot.cache.capacity for slot in slots)
+        assert results["cpu", "float16"] == results["sdpa", "float16"], variant
+        assert results["cpu", "float32"] == results["sdpa", "float32"], variant
+        assert held["float16"] == held["float32"] / 2
+        model = load_model(path, device="cpu", dtype="float32").model
+        ids = torch.tensor([prompt])
+        logits = {}
+        for kv in (torch.float32, torch.float16):
+            cache = model.new_cache(80, dtype=kv)
+            model(ids[:, :50], cache)
+            logits[kv] = model(ids[:, 50:], cache)
+        err = (logits[torch.float16] - logits[torch.float32]).abs().max() / logits[torch.float32].abs().max()
+        assert 0 < err < 1e-2, (variant, err)
 
 
 def test_every_layer_calls_the_installed_kernel(stablelm_checkpoint):

@@ -316,6 +316,11 @@ async def test_settings_from_initialization_options_and_configuration_changes(
         current = await wait_for_state(client, "ready", "error")
         assert current["state"] == "ready" and current["dtype"] == "int8", current
         assert all(group["choice"][0][1] == "rows" for group in current["kernels"]["linear"].values())
+        assert current["kernels"]["kvDtype"] == "float16"     # auto, for int8 weights on a CPU
+        await inline(client, uri, 6, 15)
+        await configure(client, dtype="int8", linear="rows", kvDtype="float32")
+        current = await wait_for_state(client, "ready", "error")
+        assert current["state"] == "ready" and current["kernels"]["kvDtype"] == "float32", current
         await inline(client, uri, 6, 15)
     finally:
         await stop_client(client)

@@ -1,5 +1,7 @@
 /* Attention of a few query positions (a decode step, a draft verification) over a KV cache, in
- * float32, for one sequence: out = softmax(q K^T * scale + mask) V.
+ * float32, for one sequence: out = softmax(q K^T * scale + mask) V. The cache holds float32
+ * (decode_attention) or float16 keys and values (decode_attention_f16: half the bytes to read;
+ * each is widened to float32 in registers, F16C's vcvtph2ps where the CPU has it).
  *
  * With one query per head the work is reading the cache's keys and values once, so the speed is
  * again memory bandwidth. Each (KV head, block of queries) task streams its keys and values in
@@ -17,6 +19,10 @@
 #include <string.h>
 
 #include "vec.h"
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define BK 64           /* keys per block */
 #define MAX_ROWS 16     /* queries per task (GQA group x positions) */
@@ -44,24 +50,63 @@ static inline v16 vexp(v16 x) {
     return p * scale;
 }
 
-/* At the native width with two accumulators (vec.h: wider vectors go through the stack). */
-static inline float dot(const float *a, const float *b, long d) {
+/* An IEEE half (its bits) as a float. */
+static inline float half_to_float(unsigned short h) {
+    unsigned sign = (unsigned)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);                /* inf, nan */
+    } else if (exp) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);        /* normal */
+    } else if (man) {                                           /* subnormal: normalise */
+        int e = -1;
+        do { e++; man <<= 1; } while (!(man & 0x400));
+        bits = sign | ((unsigned)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        bits = sign;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Element i of a cache row, float32 or float16 (HALF), as a float; VL of them as a vector. */
+#define ELEM(p, i, HALF) ((HALF) ? half_to_float(((const unsigned short *)(p))[i]) : ((const float *)(p))[i])
+
+static inline __attribute__((always_inline)) vf load_row(const void *p, long i, int half) {
+    if (!half) return *(const vfu *)((const float *)p + i);
+    const unsigned short *h = (const unsigned short *)p + i;
+#if defined(__F16C__) && VL == 16
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+#elif defined(__F16C__) && VL == 8
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+#else
+    vf out;
+    for (int l = 0; l < VL; l++) out[l] = half_to_float(h[l]);
+    return out;
+#endif
+}
+
+/* q . row, at the native width with two accumulators (vec.h: wider vectors go through the
+ * stack). */
+static inline __attribute__((always_inline)) float dot(const float *a, const void *b, long d, int half) {
     vf acc0 = {0}, acc1 = {0};
     long i = 0;
     for (; i + 2 * VL <= d; i += 2 * VL) {
-        acc0 += *(const vfu *)(a + i) * *(const vfu *)(b + i);
-        acc1 += *(const vfu *)(a + i + VL) * *(const vfu *)(b + i + VL);
+        acc0 += *(const vfu *)(a + i) * load_row(b, i, half);
+        acc1 += *(const vfu *)(a + i + VL) * load_row(b, i + VL, half);
     }
-    for (; i + VL <= d; i += VL) acc0 += *(const vfu *)(a + i) * *(const vfu *)(b + i);
+    for (; i + VL <= d; i += VL) acc0 += *(const vfu *)(a + i) * load_row(b, i, half);
     float s = hsum_vf(acc0 + acc1);
-    for (; i < d; i++) s += a[i] * b[i];
+    for (; i < d; i++) s += a[i] * ELEM(b, i, half);
     return s;
 }
 
-/* rows: queries (pointers into q and out), each with its position index t for the mask. */
-static void attend(const float *const *qs, float *const *outs, const long *ts, int rows,
-                   const float *k, const float *v, const unsigned char *mask, long S, long D,
-                   float scale) {
+/* rows: queries (pointers into q and out), each with its position index t for the mask; k and v
+ * hold float32, or float16 (half). Inlined into one copy per element type. */
+static inline __attribute__((always_inline)) void attend(
+        const float *const *qs, float *const *outs, const long *ts, int rows, const void *k,
+        const void *v, const unsigned char *mask, long S, long D, float scale, int half) {
+    const long esize = half ? 2 : 4;
     float m[MAX_ROWS], l[MAX_ROWS];
     float acc[MAX_ROWS][MAX_D] __attribute__((aligned(64)));
     float p[MAX_ROWS][BK] __attribute__((aligned(64)));
@@ -76,7 +121,8 @@ static void attend(const float *const *qs, float *const *outs, const long *ts, i
             const unsigned char *mr = mask ? mask + ts[r] * S + j0 : NULL;
             float bmax = -INFINITY;
             for (long j = 0; j < nb; j++) {
-                float s = (mr && !mr[j]) ? -INFINITY : dot(qs[r], k + (j0 + j) * D, D) * scale;
+                float s = (mr && !mr[j]) ? -INFINITY
+                          : dot(qs[r], (const char *)k + (j0 + j) * D * esize, D, half) * scale;
                 p[r][j] = s;
                 bmax = s > bmax ? s : bmax;
             }
@@ -102,14 +148,14 @@ static void attend(const float *const *qs, float *const *outs, const long *ts, i
         }
         /* acc[r] += sum_j p[r][j] * v[j]: each value row read once for all rows */
         for (long j = 0; j < nb; j++) {
-            const float *vr = v + (j0 + j) * D;
+            const void *vr = (const char *)v + (j0 + j) * D * esize;
             for (int r = 0; r < rows; r++) {
                 float w = p[r][j];
                 if (w == 0.f) continue;
                 long d = 0;
                 for (; d + VL <= D; d += VL)
-                    *(vf *)(acc[r] + d) += *(const vfu *)(vr + d) * w;
-                for (; d < D; d++) acc[r][d] += vr[d] * w;
+                    *(vf *)(acc[r] + d) += load_row(vr, d, half) * w;
+                for (; d < D; d++) acc[r][d] += ELEM(vr, d, half) * w;
             }
         }
     }
@@ -119,10 +165,23 @@ static void attend(const float *const *qs, float *const *outs, const long *ts, i
     }
 }
 
-/* Returns 0, or 1 when the shapes are outside what this kernel handles (the caller uses SDPA). */
-int decode_attention(const float *q, const float *k, const float *v, const unsigned char *mask,
-                     float *out, long H, long KH, long T, long S, long D, long head_stride,
-                     float scale, int threads) {
+static void attend_f32(const float *const *qs, float *const *outs, const long *ts, int rows,
+                       const void *k, const void *v, const unsigned char *mask, long S, long D,
+                       float scale) {
+    attend(qs, outs, ts, rows, k, v, mask, S, D, scale, 0);
+}
+
+static void attend_f16(const float *const *qs, float *const *outs, const long *ts, int rows,
+                       const void *k, const void *v, const unsigned char *mask, long S, long D,
+                       float scale) {
+    attend(qs, outs, ts, rows, k, v, mask, S, D, scale, 1);
+}
+
+/* Returns 0, or 1 when the shapes are outside what this kernel handles (the caller uses SDPA).
+ * k, v: float32 (esize 4) or float16 (esize 2); head_stride in elements. */
+static int decode(const float *q, const void *k, const void *v, const unsigned char *mask,
+                  float *out, long H, long KH, long T, long S, long D, long head_stride,
+                  float scale, int threads, int esize) {
     if (H < 1 || KH < 1 || H % KH || T < 1 || S < 1 || D < 1 || D > MAX_D) return 1;
     long group = H / KH, rows_per_head = group * T;
     long blocks = (rows_per_head + MAX_ROWS - 1) / MAX_ROWS;
@@ -142,8 +201,23 @@ int decode_attention(const float *q, const float *k, const float *v, const unsig
             outs[rows] = out + (h * T + t) * D;
             ts[rows] = t;
         }
-        attend(qs, outs, ts, rows, k + kh * head_stride, v + kh * head_stride, mask, S, D, scale);
+        const char *kh_k = (const char *)k + kh * head_stride * esize;
+        const char *kh_v = (const char *)v + kh * head_stride * esize;
+        (esize == 2 ? attend_f16 : attend_f32)(qs, outs, ts, rows, kh_k, kh_v, mask, S, D, scale);
     }
     (void)threads;
     return 0;
+}
+
+int decode_attention(const float *q, const float *k, const float *v, const unsigned char *mask,
+                     float *out, long H, long KH, long T, long S, long D, long head_stride,
+                     float scale, int threads) {
+    return decode(q, k, v, mask, out, H, KH, T, S, D, head_stride, scale, threads, 4);
+}
+
+/* The same over a float16 cache (k, v: IEEE halves). */
+int decode_attention_f16(const float *q, const unsigned short *k, const unsigned short *v,
+                         const unsigned char *mask, float *out, long H, long KH, long T, long S,
+                         long D, long head_stride, float scale, int threads) {
+    return decode(q, k, v, mask, out, H, KH, T, S, D, head_stride, scale, threads, 2);
 }

@@ -18,6 +18,7 @@ export interface ServerSettings {
   attention: string;
   linear: string;
   decodeStep: string;
+  kvDtype: string;
   maxNewTokens: number;
   temperature: number;
   contextTokens: number;
@@ -66,6 +67,7 @@ export function serverSettings(config: ConfigurationReader): ServerSettings {
     attention: read(config, "attention", isString),
     linear: read(config, "linear", isString),
     decodeStep: read(config, "decodeStep", isString),
+    kvDtype: read(config, "kvDtype", isString),
     maxNewTokens: read(config, "maxNewTokens", isInteger),
     temperature: read(config, "temperature", isNumber),
     contextTokens: read(config, "contextTokens", isInteger),

@@ -20,7 +20,7 @@ local defaults = {
   python = nil,
   --- Server settings (initializationOptions and workspace/didChangeConfiguration). Unset keys
   --- keep the server's defaults: model, endpoint, endpointKind, device, dtype, speculation,
-  --- attention, linear, decodeStep, maxNewTokens, temperature,
+  --- attention, linear, decodeStep, kvDtype, maxNewTokens, temperature,
   --- contextTokens, debounceMs, chatModel, chatMaxNewTokens, enabled.
   settings = {},
   --- Filetypes to attach to; nil: every file.

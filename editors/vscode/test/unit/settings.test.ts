@@ -15,6 +15,7 @@ test("unset settings take package.json's defaults", () => {
     attention: "auto",
     linear: "auto",
     decodeStep: "off",
+    kvDtype: "auto",
     maxNewTokens: 64,
     temperature: 0,
     contextTokens: 1536,
@@ -29,7 +30,7 @@ test("unset settings take package.json's defaults", () => {
 
 test("set values are passed on under the protocol's names", () => {
   const settings = serverSettings(
-    reader({ model: " /models/starcoder2-3b ", endpoint: " http://gpu-box:8000 ", endpointKind: "vllm", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false, decodeStep: "cuda-graph", speculation: false }),
+    reader({ model: " /models/starcoder2-3b ", endpoint: " http://gpu-box:8000 ", endpointKind: "vllm", device: "cuda:1", dtype: "bfloat16", maxNewTokens: 32, temperature: 0.2, chatModel: "zephyr", chatMaxNewTokens: 200, enabled: false, decodeStep: "cuda-graph", kvDtype: "float16", speculation: false }),
   );
   assert.equal(settings.model, "/models/starcoder2-3b");
   assert.equal(settings.endpoint, "http://gpu-box:8000");
@@ -42,6 +43,7 @@ test("set values are passed on under the protocol's names", () => {
   assert.equal(settings.chatMaxNewTokens, 200);
   assert.equal(settings.enabled, false);
   assert.equal(settings.decodeStep, "cuda-graph");
+  assert.equal(settings.kvDtype, "float16");
   assert.equal(settings.speculation, false);
 });
 
