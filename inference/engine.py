@@ -157,8 +157,11 @@ class Engine:
                 per_token, ring if ring is not None else cfg.max_positions,
                 lambda: self.prefix_cache.nbytes)
             budget_tokens = lambda: self._budget_share.tokens  # noqa: E731
-        self.prefix_cache = PrefixCache(functools.partial(self.model.new_cache, dtype=self.kv_dtype),
-                                        budget_tokens, cfg.max_positions, ring)
+        # a captured step attends over a cache's whole capacity: only then must it start zeroed
+        # (zeroing a 2000-position cache of the 160M model took 46 ms)
+        new_cache = functools.partial(self.model.new_cache, dtype=self.kv_dtype,
+                                      zeroed=self.decode_step is not None)
+        self.prefix_cache = PrefixCache(new_cache, budget_tokens, cfg.max_positions, ring)
         self.scheduler = Scheduler()
 
     def generate(self, prompt_ids: Sequence[int], *, max_new_tokens: int,

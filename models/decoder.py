@@ -197,15 +197,21 @@ class KVCache:
     of tokens processed so far, i.e. the position the next token gets.
     """
 
-    def __init__(self, cfg: ModelConfig, capacity: int, *, device=None, dtype=torch.float32, batch: int = 1):
+    def __init__(self, cfg: ModelConfig, capacity: int, *, device=None, dtype=torch.float32, batch: int = 1,
+                 zeroed: bool = True):
+        """zeroed=False leaves the entries past what was written uninitialised (no time spent
+        writing zeros over the whole capacity): right wherever only written entries are read,
+        as in `forward`; decode_static attends over the whole capacity and needs zeros."""
         self.cfg = cfg
+        self.zeroed = zeroed
         self.window = cfg.sliding_window
         if self.window is not None and capacity < self.window:
             capacity = self.window  # a ring shorter than the window would lose needed keys
         self.capacity = int(capacity)
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, self.capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        make = torch.zeros if zeroed else torch.empty
+        self.k = make(shape, device=device, dtype=dtype)
+        self.v = make(shape, device=device, dtype=dtype)
         self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.length = 0
         # Rings: the first position whose keys are still held. Kept explicitly because cutting
@@ -266,7 +272,8 @@ class KVCache:
         new_cap = max(n, int(self.capacity * 1.5) + 16)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:3] + (new_cap, old.shape[4]))
+            shape = old.shape[:3] + (new_cap, old.shape[4])
+            new = old.new_zeros(shape) if self.zeroed else old.new_empty(shape)
             new[:, :, :, : self.length] = old[:, :, :, : self.length]
             setattr(self, name, new)
         self.positions = torch.cat(
@@ -385,11 +392,14 @@ class Decoder(nn.Module):
         (the norms are never quantized)."""
         return self.norm.weight.dtype
 
-    def new_cache(self, capacity: int, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, capacity: int, batch: int = 1, dtype: torch.dtype | None = None,
+                  zeroed: bool = True) -> KVCache:
         """An empty cache in `dtype` (None: the compute dtype). Another dtype is read in the
-        compute dtype by attention (a float16 cache on a CPU: half the bytes read per step)."""
+        compute dtype by attention (a float16 cache on a CPU: half the bytes read per step).
+        zeroed: see KVCache (decode_static needs it)."""
         p = self.norm.weight
-        return KVCache(self.cfg, capacity, device=p.device, dtype=dtype or p.dtype, batch=batch)
+        return KVCache(self.cfg, capacity, device=p.device, dtype=dtype or p.dtype, batch=batch,
+                       zeroed=zeroed)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,

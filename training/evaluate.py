@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop drawing infilling cases after this long (reports how many ran)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-dtype", default="auto",
+                    help="the KV cache's dtype (auto: float16 for int8 weights on a CPU); the "
+                         "perplexity pass runs through a cache in it too")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dump", type=Path, default=None,
                     help="write every case (file, line, setting, target, each method's line) as JSON lines")
@@ -92,10 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def held_out_perplexity(loaded, files: list[tuple[str, str]], max_tokens: int | None) -> dict:
+def held_out_perplexity(loaded, files: list[tuple[str, str]], max_tokens: int | None,
+                        kv_dtype: torch.dtype | None = None) -> dict:
     """Cross-entropy of each file's text + eos, in consecutive windows of max_positions tokens
     (each window starts fresh, so every token is predicted with 0..max_positions-1 tokens of
-    context, as in training)."""
+    context, as in training), through a KV cache in kv_dtype (what the engine keeps: its
+    rounding counts; None: the compute dtype)."""
     model, tok = loaded.model, loaded.tokenizer
     window = loaded.config.max_positions
     nll, tokens, chars = 0.0, 0, 0
@@ -105,7 +110,8 @@ def held_out_perplexity(loaded, files: list[tuple[str, str]], max_tokens: int | 
             ids = ids[: max_tokens - tokens + 1]       # n + 1 ids give n predictions
         for start in range(0, len(ids) - 1, window):
             piece = torch.tensor([ids[start:start + window + 1]], device=loaded.device)
-            logits = model(piece[:, :-1])                        # [1, T, V] float32
+            cache = model.new_cache(piece.shape[1], dtype=kv_dtype)
+            logits = model(piece[:, :-1], cache)                 # [1, T, V] float32
             nll += torch.nn.functional.cross_entropy(logits[0], piece[0, 1:], reduction="sum").item()
             tokens += piece.shape[1] - 1
         chars += len(tok.decode(ids))
@@ -338,13 +344,14 @@ def main(argv=None) -> int:
         return 2
     model_path = args.model or str(builtin_model_path())
     try:
-        backend = LocalBackend.load(model_path, device=args.device, dtype=args.dtype)
+        backend = LocalBackend.load(model_path, device=args.device, dtype=args.dtype,
+                                    kv_dtype=args.kv_dtype)
     except ModelError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     started = time.time()
 
-    ppl = held_out_perplexity(backend.loaded, held_files, args.ppl_max_tokens) \
+    ppl = held_out_perplexity(backend.loaded, held_files, args.ppl_max_tokens, backend.engine.kv_dtype) \
         if args.ppl_max_tokens != 0 else None
     ppl_s = time.time() - started
 
@@ -401,7 +408,8 @@ def main(argv=None) -> int:
         return counter[name] / max(done, 1)
 
     info = backend.info
-    print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}")
+    print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}, "
+          f"KV cache {str(backend.engine.kv_dtype).removeprefix('torch.')}")
     print(f"held-out files: {len(held_files)} of {len(sources)} (by-file split, {args.held_out:.0%})")
     if ppl is not None:
         print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
