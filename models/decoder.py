@@ -73,11 +73,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, key, v = self.qkv(x).split([h * d, k * d, k * d], dim=-1)
-        q, key, v = q.view(b, t, h, d), key.view(b, t, k, d), v.view(b, t, k, d)
+        heads = self.qkv(x).view(b, t, h + 2 * k, d)     # [q heads | k heads | v heads]
+        v = heads[:, :, h + k:]
         if self.q_norm is not None:
-            q, key = self.q_norm(q), self.k_norm(key)
-        q, key = _rope(q, cos, sin, cfg.rotary_dim), _rope(key, cos, sin, cfg.rotary_dim)
+            q, key = self.q_norm(heads[:, :, :h]), self.k_norm(heads[:, :, h:h + k])
+            q, key = _rope(q, cos, sin, cfg.rotary_dim), _rope(key, cos, sin, cfg.rotary_dim)
+        else:   # the same rotation for every head: q and k heads in one go (fewer ops a step)
+            qk = _rope(heads[:, :, :h + k], cos, sin, cfg.rotary_dim)
+            q, key = qk[:, :, :h], qk[:, :, h:]
         q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         out = attn.kernel(q, key, v, layer, cache, attn)
         return self.o(out.transpose(1, 2).reshape(b, t, h * d))
