@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="stop drawing infilling cases after this long (reports how many ran)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--linear", default="auto",
+                    help="the linear layers' kernel (q8: int8 weights, the inputs rounded to int8 too)")
     ap.add_argument("--kv-dtype", default="auto",
                     help="the KV cache's dtype (auto: float16 for int8 weights on a CPU); the "
                          "perplexity pass runs through a cache in it too")
@@ -345,7 +347,7 @@ def main(argv=None) -> int:
     model_path = args.model or str(builtin_model_path())
     try:
         backend = LocalBackend.load(model_path, device=args.device, dtype=args.dtype,
-                                    kv_dtype=args.kv_dtype)
+                                    kv_dtype=args.kv_dtype, linear=args.linear)
     except ModelError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
@@ -409,7 +411,7 @@ def main(argv=None) -> int:
 
     info = backend.info
     print(f"model: {info.name} ({info.path}), {info.model_type}, {info.device} {info.dtype}, "
-          f"KV cache {str(backend.engine.kv_dtype).removeprefix('torch.')}")
+          f"KV cache {str(backend.engine.kv_dtype).removeprefix('torch.')}, linear {args.linear}")
     print(f"held-out files: {len(held_files)} of {len(sources)} (by-file split, {args.held_out:.0%})")
     if ppl is not None:
         print(f"perplexity over {ppl['tokens']} held-out tokens: {ppl['perplexity']:.2f} "
