@@ -755,7 +755,8 @@ def main() -> None:
     if "int8" in measured:
         print(f"  int8 auto / {auto}, decode: {ratios[f'int8_decode_vs_{fd}']:.2f} (target <= 0.4); "
               f"{ratios['int8_decode_floor_fraction']:.0%} of its floor "
-              f"({floors['int8']['floor_s'] * ms:.1f} ms: {floors['int8']['weight_bytes'] / mib:.0f} MiB weights)")
+              f"({floors['int8']['floor_s'] * ms:.1f} ms: {floors['int8']['weight_bytes'] / mib:.0f} MiB weights + "
+              f"{floors['int8']['kv_bytes'] / mib:.0f} MiB KV)")
     for key, value in ratios.items():
         if "llama.cpp" in key:
             print(f"  {key.replace('_', ' ')}: {value:.2f} (target <= 1.0)")

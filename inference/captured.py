@@ -55,7 +55,7 @@ def decode_step_problems(mode: str, device: torch.device) -> list[str]:
 class DecodeStep:
     """Runs one token through the model after what `cache` holds -> float32 logits [V]."""
 
-    def __init__(self, model, mode: str, device: torch.device):
+    def __init__(self, model, mode: str, device: torch.device, kv_dtype: torch.dtype | None = None):
         problems = decode_step_problems(mode, device)
         if problems:
             raise InvalidParameter("cannot use this decode step: " + "; ".join(problems))
@@ -64,6 +64,7 @@ class DecodeStep:
             raise InvalidParameter("cannot compile the decode step of a model whose linear layers "
                                    "run oneDNN or the own kernels (load it again)")
         self.model, self.mode, self.device = model, mode, torch.device(device)
+        self.kv_dtype = kv_dtype        # the caches' (the engine's), for the warm-up's
         self._fn = model.decode_static
         if mode == "compile":
             # The undecorated body (the engine already runs in inference mode). No CUDA graphs
@@ -82,7 +83,7 @@ class DecodeStep:
             return
         # the RoPE tables exist before the first compile, as they do at every later step
         self.model.rope_tables(self.model.cfg.max_positions, self.device)
-        self(self.model.new_cache(_WARM_CAPACITY), 0)
+        self(self.model.new_cache(_WARM_CAPACITY, dtype=self.kv_dtype), 0)
 
     @torch.inference_mode()     # always: the compiled step is guarded on the grad mode
     def __call__(self, cache, token: int) -> torch.Tensor:

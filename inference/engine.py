@@ -139,7 +139,8 @@ class Engine:
         if draft_tokens is None:
             draft_tokens = DRAFT_TOKENS.get(self.device.type, 8)
         self.draft_tokens = draft_tokens
-        self.decode_step = None if decode_step == "off" else DecodeStep(self.model, decode_step, self.device)
+        self.decode_step = None if decode_step == "off" else \
+            DecodeStep(self.model, decode_step, self.device, self.kv_dtype)
         if self.decode_step is not None:
             self.decode_step.warm_up()
         ring = None

@@ -72,6 +72,9 @@ def test_engine_with_the_static_step_gives_the_same_tokens(checkpoint_factory, v
     want = engine_tokens(loaded, prompts, draft_tokens=0, linear="torch")
     assert engine_tokens(loaded, prompts, draft_tokens=0, decode_step="static", linear="torch") == want
     assert engine_tokens(loaded, prompts, decode_step="static") == want   # mixed with drafts
+    # a float16 cache: the static step reads it converted over the whole (zeroed) capacity
+    half = dict(draft_tokens=0, linear="torch", kv_dtype="float16")
+    assert engine_tokens(loaded, prompts, decode_step="static", **half) == engine_tokens(loaded, prompts, **half)
 
 
 @pytest.mark.skipif(bool(decode_step_problems("compile", torch.device("cpu")))
