@@ -1,7 +1,8 @@
 """The project's own CPU kernels, built with the machine's C compiler at first use and loaded with
 ctypes: csrc/rows_linear.c (linear layers with float32 or int8 weights for a few positions,
-inference/linear.py), csrc/q8_linear.c (int8 weights times inputs quantized to int8) and csrc/decode_attention.c (attention of a few positions
-over the KV cache, inference/attention.py).
+inference/linear.py), csrc/q8_linear.c (int8 weights times inputs quantized to int8) and
+csrc/decode_attention.c (attention of a few positions over a float32 or float16 KV cache,
+inference/attention.py).
 
 No build step at install time and no dependency: the sources ship with the package; the first
 engine that wants a kernel compiles it (under a second) with `-O3 -march=native` into the user's
@@ -255,16 +256,6 @@ def kernel_for(name: str, what: str, device: torch.device, dtype: torch.dtype):
 def load_rows_linear() -> LinearKernel | str:
     """The linear kernel, built if needed; or a sentence saying why it cannot be used here."""
     return _get("rows_linear")
-
-
-def load_int8_linear() -> LinearKernel | str:
-    """The int8 linear kernel, built if needed; or a sentence saying why it cannot be used here."""
-    return _get("int8_linear")
-
-
-def load_q8_linear() -> LinearKernel | str:
-    """The int8 x int8 linear kernel (inputs quantized per block), built if needed; or why not."""
-    return _get("q8_linear")
 
 
 def build_ids(names: list[str]) -> dict[str, str]:

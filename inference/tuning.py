@@ -15,7 +15,8 @@ them: weights streamed from memory, not from a cache that one layer alone would 
 the first layers holding SWEEP_BYTES, the time scaled to all of them), timing each call; a candidate more than ABORT_FACTOR times slower than the best so far on a group stops
 being timed there. Candidates alternate within each repeat, so a burst of load from another
 process falls on all of them. Prefill chunks are bound by arithmetic: one layer per group is
-timed there, on its first CHUNK_ROWS output rows (all of them for oneDNN's packed layout). The output head never runs prefill chunks (the engine asks for the last position's
+timed there, on its first CHUNK_ROWS output rows (all of them for oneDNN's packed layout). The
+output head never runs prefill chunks (the engine asks for the last position's
 logits only).
 
 The result (timings; the choices follow from them) is stored beside the kernel cache
@@ -216,10 +217,8 @@ def _first_rows(layer: KernelLinear) -> KernelLinear:
     r = min(CHUNK_ROWS, layer.out_features)
     if r == layer.out_features:
         return layer
-    part = KernelLinear(layer.weight[:r], None if layer.bias is None else layer.bias[:r],
+    return KernelLinear(layer.weight[:r], None if layer.bias is None else layer.bias[:r],
                         None if layer.scale is None else layer.scale[:r])
-    part.table = layer.table
-    return part
 
 
 def _itemsize(layer: KernelLinear) -> int:

@@ -106,9 +106,8 @@ static inline int dot_tail(const signed char *qx, const signed char *w, long n) 
             acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(in->d[(m0 + j) * in->nb + (b)]), acc[j]); \
         }                                                                                      \
     }
-/* two accumulators per input (even and odd blocks; odd is even when TWO is 0): one chain would
- * wait on the multiply-add */
-#define Q8_ROW(MS, TWO)                                                                          \
+/* two accumulators per input (even and odd blocks): one chain would wait on the multiply-add */
+#define Q8_ROW(MS)                                                                               \
     static void q8_row_##MS(const Inputs *in, long m0, const signed char *wr, float sw,        \
                             float bias, float *y, long N, long K) {                            \
         long full = K / QB, b = 0;                                                             \
@@ -117,7 +116,7 @@ static inline int dot_tail(const signed char *qx, const signed char *w, long n) 
         for (; b + 2 <= full; b += 2) {                                                        \
             __builtin_prefetch(wr + b * QB + PF);                                              \
             Q8_BLOCK(MS, even, b)                                                                \
-            if (TWO) Q8_BLOCK(MS, odd, b + 1) else Q8_BLOCK(MS, even, b + 1)                    \
+            Q8_BLOCK(MS, odd, b + 1)                                                             \
         }                                                                                      \
         if (b < full) Q8_BLOCK(MS, even, b)                                                      \
         for (int j = 0; j < MS; j++) {                                                         \
@@ -130,7 +129,7 @@ static inline int dot_tail(const signed char *qx, const signed char *w, long n) 
         }                                                                                      \
     }
 #else
-#define Q8_ROW(MS, TWO)                                                                        \
+#define Q8_ROW(MS)                                                                             \
     static void q8_row_##MS(const Inputs *in, long m0, const signed char *wr, float sw,        \
                             float bias, float *y, long N, long K) {                            \
         float acc[MS];                                                                         \
@@ -146,10 +145,10 @@ static inline int dot_tail(const signed char *qx, const signed char *w, long n) 
     }
 #endif
 
-Q8_ROW(1, 1)
-Q8_ROW(2, 1)
-Q8_ROW(3, 1)
-Q8_ROW(4, 1)
+Q8_ROW(1)
+Q8_ROW(2)
+Q8_ROW(3)
+Q8_ROW(4)
 
 static void (*const q8_rows[BLOCK_M + 1])(const Inputs *, long, const signed char *, float, float,
                                           float *, long, long) = {
