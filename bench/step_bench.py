@@ -1,17 +1,21 @@
 """Benchmark (not a test): where a decode step's time goes, for whoever speeds it up next.
 
 On the 160M StableLM-style checkpoint of bench/load_bench.py (built here unless --model names
-one), with 1500 cached positions, the model is called directly (no engine, no sampling) one token
-at a time, for float32 and int8 weights with the engine's own kernel choice and KV cache dtype:
+one), with 1500 cached positions, the model is called directly (no engine, no sampling) for
+passes of 1 position (a decode step) and 4 (a draft verification), for float32 and int8 weights
+with the engine's own kernel choice and KV cache dtype, two ways through the layers:
 
-- step: milliseconds per decode step, the best of three runs of 20 steps;
-- glue: the same with every linear layer and the own attention kernel replaced by no-ops of the
-  same shapes (what Python and torch's small ops cost between the kernels);
-- kernels: step minus glue.
+- native: every layer in one C call (inference/native_layers.py; where the engine's plan runs
+  that pass length natively, else the blocks);
+- blocks: the decoder's blocks, torch's small ops between the kernels (native_layers=False);
+
+each the best of three runs of 20 passes, in milliseconds; and "glue": what a pass costs each
+way besides its kernels (the whole model with kernels that do nothing: native_layers.measure_glue).
 
 Then the own decode-attention kernel alone over 12 layers x 12 heads x 1500 keys x 64 with a
-float32 and a float16 cache: milliseconds and the bytes read per second (compare with the copy
-bandwidth engine_bench prints). Prints the CPU model first.
+float32 and a float16 cache, for 1 and 4 queries: milliseconds and, for one query, the bytes
+read per second (compare with the copy bandwidth engine_bench prints). Prints the CPU model
+first.
 
     python bench/step_bench.py [--threads 1] [--model DIR]
 """
@@ -30,44 +34,45 @@ from linear_bench import cpu_model  # bench/ is on sys.path when run as a script
 from load_bench import build as build_stablelm_160m
 
 CONTEXT = 1500
+LENGTHS = (1, 4)
 
 
-def step_times(path: Path, dtype: str) -> dict:
-    from stablelm_lsp.inference import attention as A
-    from stablelm_lsp.inference import linear as L
+def step_times(path: Path, dtype: str, native: bool) -> dict:
+    from stablelm_lsp.inference import cpu_kernels
     from stablelm_lsp.inference.engine import Engine
+    from stablelm_lsp.inference.native_layers import measure_glue
     from stablelm_lsp.models import load_model
 
     loaded = load_model(path, device="cpu", dtype=dtype)
-    engine = Engine(dataclasses.replace(loaded, tokenizer=None), draft_tokens=0)
+    engine = Engine(dataclasses.replace(loaded, tokenizer=None), draft_tokens=0, native_layers=native)
     model = engine.model
-    ids = [random.Random(0).randrange(7, loaded.config.vocab_size) for _ in range(CONTEXT)]
-    cache = model.new_cache(CONTEXT + 8, dtype=engine.kv_dtype)
+    ids = [random.Random(0).randrange(7, loaded.config.vocab_size) for _ in range(CONTEXT + 16)]
+    cache = model.new_cache(CONTEXT + 16, dtype=engine.kv_dtype, zeroed=False)
+    out = {"kv_dtype": str(engine.kv_dtype).removeprefix("torch."),
+           "native_lengths": engine.native_layers.lengths if engine.native_layers else []}
     with torch.inference_mode():
         for i in range(0, CONTEXT, 256):
-            model(torch.tensor([ids[i:i + 256]]), cache, last_only=True)
+            model(torch.tensor([ids[i:min(i + 256, CONTEXT)]]), cache, last_only=True)
 
-        def best() -> float:
+        def best(m: int) -> float:
             runs = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 for j in range(20):
-                    model(torch.tensor([[ids[j]]]), cache, last_only=True)
+                    model(torch.tensor([ids[CONTEXT:CONTEXT + m]]), cache, last_only=True)
                     cache.truncate(CONTEXT)
                 runs.append((time.perf_counter() - t0) / 20)
-            return min(runs)
+            return min(runs) * 1e3
 
-        best()
-        step = best()
-        forward, run_own = L.KernelLinear.forward, A.CpuDecodeAttention.run_own
-        L.KernelLinear.forward = lambda self, x: x.new_zeros(*x.shape[:-1], self.out_features)
-        A.CpuDecodeAttention.run_own = lambda self, q, key, value, mask: torch.empty_like(q)
-        try:
-            glue = best()
-        finally:
-            L.KernelLinear.forward, A.CpuDecodeAttention.run_own = forward, run_own
+        for m in LENGTHS:
+            best(m)
+            out[m] = best(m)
+        kernel = cpu_kernels.load_decode_layers()
+        if not isinstance(kernel, str):
+            glue = measure_glue(model, kernel, (1,), kv_dtype=engine.kv_dtype, repeats=10)
+            out["glue_ms"] = glue["native" if native and 1 in out["native_lengths"] else "blocks"][1] / 1e3
     engine.close()
-    return {"step_ms": step * 1e3, "glue_ms": glue * 1e3, "kv_dtype": str(engine.kv_dtype)}
+    return out
 
 
 def attention_times() -> dict:
@@ -82,17 +87,19 @@ def attention_times() -> dict:
     for dtype in (torch.float32, torch.float16):
         ks = [torch.randn(1, heads, s + 8, d).to(dtype) for _ in range(layers)]
         vs = [torch.randn(1, heads, s + 8, d).to(dtype) for _ in range(layers)]
-        q = torch.randn(1, heads, 1, d)
-        o = torch.empty_like(q)
-        best = float("inf")
-        for _ in range(15):
-            t0 = time.perf_counter()
-            for k, v in zip(ks, vs):
-                k, v = k[:, :, :s], v[:, :, :s]
-                kernel(q, k, v, None, o, heads, heads, 1, s, d, k.stride(1), d ** -0.5)
-            best = min(best, time.perf_counter() - t0)
-        nbytes = 2 * layers * heads * s * d * ks[0].element_size()
-        out[str(dtype).removeprefix("torch.")] = {"ms": best * 1e3, "gbps": nbytes / best / 1e9}
+        for t in LENGTHS:
+            q = torch.randn(1, heads, t, d)
+            o = torch.empty_like(q)
+            mask = (torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]).view(torch.uint8)
+            best = float("inf")
+            for _ in range(15):
+                t0 = time.perf_counter()
+                for k, v in zip(ks, vs):
+                    k, v = k[:, :, :s], v[:, :, :s]
+                    kernel(q, k, v, None if t == 1 else mask, o, heads, heads, t, s, d, k.stride(1), d ** -0.5)
+                best = min(best, time.perf_counter() - t0)
+            nbytes = 2 * layers * heads * s * d * ks[0].element_size()
+            out[(str(dtype).removeprefix("torch."), t)] = {"ms": best * 1e3, "gbps": nbytes / best / 1e9}
     return out
 
 
@@ -105,17 +112,28 @@ def main() -> None:
     print(f"{cpu_model()}, {args.threads} thread{'s' if args.threads > 1 else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_stablelm_160m(Path(tmp) / "stablelm-160m")
-        print(f"decode step at {CONTEXT} cached positions (the model called directly)")
+        print(f"passes after {CONTEXT} cached positions (the model called directly), ms")
+        print(f"  {'weights':<8} {'way':<7} " + " ".join(f"{m:>2} pos." for m in LENGTHS)
+              + "   glue (1 pos.)   KV cache   native pass lengths")
         for dtype in ("float32", "int8"):
-            r = step_times(path, dtype)
-            print(f"  {dtype:<8} step {r['step_ms']:6.2f} ms   kernels {r['step_ms'] - r['glue_ms']:6.2f} ms   "
-                  f"glue {r['glue_ms']:5.2f} ms ({r['glue_ms'] / r['step_ms']:.0%})   KV cache "
-                  f"{r['kv_dtype'].removeprefix('torch.')}")
+            results = {}
+            for native in (True, False):
+                r = results[native] = step_times(path, dtype, native)
+                glue = f"{r['glue_ms']:6.2f}" if "glue_ms" in r else "     -"
+                print(f"  {dtype:<8} {'native' if native else 'blocks':<7} "
+                      + " ".join(f"{r[m]:6.2f}" for m in LENGTHS)
+                      + f"   {glue}          {r['kv_dtype']:<10} {r['native_lengths'] or '-'}")
+            print(f"  {dtype:<8} native / blocks: "
+                  + ", ".join(f"{m} pos. {results[True][m] / results[False][m]:.3f}" for m in LENGTHS))
     att = attention_times()
-    print(f"own attention kernel, 12 layers x 12 heads x {CONTEXT} keys x 64, one query")
-    for name, r in att.items():
-        print(f"  {name:<8} {r}" if name == "skipped" else
-              f"  {name:<8} {r['ms']:6.2f} ms   {r['gbps']:5.1f} GB/s read")
+    print(f"own attention kernel, 12 layers x 12 heads x {CONTEXT} keys x 64")
+    for key, r in att.items():
+        if key == "skipped":
+            print(f"  skipped: {r}")
+            continue
+        dtype, t = key
+        rate = f"   {r['gbps']:5.1f} GB/s read" if t == 1 else ""
+        print(f"  {dtype:<8} {t} quer{'y' if t == 1 else 'ies'}  {r['ms']:6.2f} ms{rate}")
 
 
 if __name__ == "__main__":

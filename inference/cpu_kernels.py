@@ -1,8 +1,9 @@
 """The project's own CPU kernels, built with the machine's C compiler at first use and loaded with
 ctypes: csrc/rows_linear.c (linear layers with float32 or int8 weights for a few positions,
-inference/linear.py), csrc/q8_linear.c (int8 weights times inputs quantized to int8) and
+inference/linear.py), csrc/q8_linear.c (int8 weights times inputs quantized to int8),
 csrc/decode_attention.c (attention of a few positions over a float32 or float16 KV cache,
-inference/attention.py).
+inference/attention.py) and csrc/decode_layers.c (every decoder layer of a short pass in one call,
+calling the others through function pointers: inference/native_layers.py).
 
 No build step at install time and no dependency: the sources ship with the package; the first
 engine that wants a kernel compiles it (under a second) with `-O3 -march=native` into the user's
@@ -70,7 +71,7 @@ class AttentionKernel:
             raise RuntimeError(f"decode_attention refused heads={heads}/{kv_heads} t={t} s={s} d={d}")
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()     # reentrant: a self-check may load the kernels it calls
 _loaded: dict[str, object] = {}     # name -> the kernel, or why there is none
 
 
@@ -206,11 +207,23 @@ def _check_attention(kernel: AttentionKernel) -> str | None:
     return None
 
 
+def typed_linear(fn):
+    """A linear kernel's C function with its argument types (x, w, scale, b, y, M, N, K, threads)."""
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def typed_attention(fn):
+    """An attention kernel's C function with its argument types (see AttentionKernel)."""
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def _bind_linear(entry: str, max_m: str = "rows_linear_max_m"):
     def bind(lib: ctypes.CDLL, path: Path) -> LinearKernel:
-        fn = getattr(lib, entry)
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        fn.restype = ctypes.c_int
+        fn = typed_linear(getattr(lib, entry))
         longest = getattr(lib, max_m)
         longest.restype = ctypes.c_int
         return LinearKernel(fn, longest(), path)
@@ -219,11 +232,19 @@ def _bind_linear(entry: str, max_m: str = "rows_linear_max_m"):
 
 
 def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
-    fns = lib.decode_attention, lib.decode_attention_f16
-    for fn in fns:
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 6 + [ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    return AttentionKernel(*fns, path)
+    return AttentionKernel(typed_attention(lib.decode_attention), typed_attention(lib.decode_attention_f16), path)
+
+
+def _bind_layers(lib: ctypes.CDLL, path: Path):
+    from .native_layers import LayersKernel
+
+    return LayersKernel(lib, path)
+
+
+def _check_layers(kernel) -> str | None:
+    from .native_layers import check
+
+    return check(kernel)
 
 
 # kernel -> the source it is built from (csrc/<source>.c), how its entry point is bound, and the
@@ -231,7 +252,8 @@ def _bind_attention(lib: ctypes.CDLL, path: Path) -> AttentionKernel:
 _KERNELS = {"rows_linear": ("rows_linear", _bind_linear("rows_linear"), lambda k: _check_linear(k, False)),
             "int8_linear": ("rows_linear", _bind_linear("int8_linear"), lambda k: _check_linear(k, True)),
             "q8_linear": ("q8_linear", _bind_linear("q8_linear", "q8_linear_max_m"), _check_q8),
-            "decode_attention": ("decode_attention", _bind_attention, _check_attention)}
+            "decode_attention": ("decode_attention", _bind_attention, _check_attention),
+            "decode_layers": ("decode_layers", _bind_layers, _check_layers)}
 
 
 def cpu_float32_problems(what: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -256,6 +278,11 @@ def kernel_for(name: str, what: str, device: torch.device, dtype: torch.dtype):
 def load_rows_linear() -> LinearKernel | str:
     """The linear kernel, built if needed; or a sentence saying why it cannot be used here."""
     return _get("rows_linear")
+
+
+def load_decode_layers():
+    """The every-layer kernel (inference/native_layers.py), built if needed; or why not."""
+    return _get("decode_layers")
 
 
 def build_ids(names: list[str]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from .errors import EmptyPrompt, InvalidParameter, OutOfMemory, PromptTooLong, T
 from .kv_budget import DeviceBudget
 from .linear import KERNELS as LINEAR_KERNELS
 from .lru import LRU
+from .native_layers import install as install_native_layers
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
@@ -90,6 +91,7 @@ class Engine:
     def __init__(self, loaded, *, budget_tokens: int | None = None, prefill_chunk: int | None = None,
                  attention: str = "auto", prefix_reuse: bool = True, draft_tokens: int | None = None,
                  linear: str = "auto", decode_step: str = "off", kv_dtype: str = "auto",
+                 native_layers: bool = True,
                  progress: Callable[[float, str], None] | None = None):
         """loaded: a models.LoadedModel (its .model Decoder, .config, .device, .dtype, .quantization).
         attention: auto | sdpa | flash | cpu (inference/attention.py); the engine installs it in the model.
@@ -103,6 +105,8 @@ class Engine:
         (inference/captured.py; opt-in).
         kv_dtype: auto | float32 | float16 | bfloat16: the KV cache's dtype (see kv_cache_dtype;
         auto: float16 for int8 weights on a CPU, else the compute dtype).
+        native_layers: on a CPU, run a pass whose kernels are all the own ones through one C
+        call for every layer (inference/native_layers.py); False: the blocks one by one.
         progress(fraction, message): while the kernels are measured (the first load of a model
         on a machine); it may raise to stop."""
         self.prefix_reuse = prefix_reuse
@@ -133,7 +137,8 @@ class Engine:
                                     int8=int8, linear=linear, attention=self.attention,
                                     attention_requested=attention, chunk=self.prefill_chunk,
                                     compiled=decode_step == "compile", progress=progress,
-                                    kv_dtype=self.kv_dtype)
+                                    kv_dtype=self.kv_dtype, native_layers=native_layers)
+        self.native_layers = install_native_layers(self.model, self.kernels.layers)
         if draft_tokens is None:
             draft_tokens = self.kernels.draft_tokens
         if draft_tokens is None:

@@ -64,6 +64,7 @@ class Impl:
     packed: bool = False        # runs on oneDNN's packed layout, and only on it
     traced: bool = True         # torch.compile / CUDA graphs can capture it (no ctypes call)
     quantizes_inputs: bool = False  # rounds the inputs too: not the layer's arithmetic (never auto)
+    kernel: object = field(default=None, repr=False, compare=False)   # an own kernel's LinearKernel
 
     def takes(self, m: int) -> bool:
         return self.max_m is None or m <= self.max_m
@@ -181,7 +182,7 @@ def _rows_impl(kernel, name: str = "rows") -> Impl:
         kernel(x, layer.weight, layer.scale, layer.bias, y, m, layer.out_features, layer.in_features)
         return y
 
-    return Impl(name, run, max_m=kernel.max_m, traced=False, quantizes_inputs=name == "q8")
+    return Impl(name, run, max_m=kernel.max_m, traced=False, quantizes_inputs=name == "q8", kernel=kernel)
 
 
 TORCH = Impl("torch", _torch_float)

@@ -88,6 +88,7 @@ class Plan:
     attention: tuple = ()                           # ((longest step, "cpu"|"sdpa"), ...)
     draft_tokens: int | None = None                 # None: not measured (the device default)
     pass_cost: dict[int, float] = field(default_factory=dict)   # m -> cost of m positions / one
+    layers: tuple = ()                              # ((longest pass, "native"|"blocks"), ...)
     timings: dict = field(default_factory=dict)     # as stored: microseconds per call
     source: str = ""                                # how the plan was made
 
@@ -99,6 +100,7 @@ class Plan:
                               "choice": [[b, i.name] for b, i in table]}
                        for name, table in self.linear.items()},
             "attention": [list(x) for x in self.attention],
+            "layers": [list(x) for x in self.layers],
             "draftTokens": self.draft_tokens,
             "passCost": {str(m): round(c, 3) for m, c in self.pass_cost.items()},
             "microseconds": self.timings,
@@ -135,7 +137,8 @@ def load_cached(key: dict) -> dict | None:
         stored = json.loads(path.read_text())
         if not isinstance(stored, dict) or stored.get("key") != key:
             return None
-        for per_impl in [g["us"] for g in stored["linear"].values()] + [stored["attention"]["us"]]:
+        for per_impl in [g["us"] for g in stored["linear"].values()] + [stored["attention"]["us"]] \
+                + ([stored["glue"]] if stored.get("glue") else []):
             for name, per_m in per_impl.items():
                 per_impl[name] = {int(m): float(v) for m, v in per_m.items()}
         return stored
@@ -329,11 +332,11 @@ def measure_linear(layers: list[KernelLinear], groups: list[Group], impls: list[
     return {g.name: {"layers": len(g.layers), "us": us[g.name]} for g in groups}
 
 
-def sweeps(groups: list[Group], impls: list[Impl], chunk: int, attention: bool) -> int:
+def sweeps(groups: list[Group], impls: list[Impl], chunk: int, attention: bool, glue: bool = False) -> int:
     """How many sweeps measuring takes (for progress)."""
     points = list(POINTS) + ([chunk] if chunk > POINTS[-1] else [])
     linear = sum(1 for m in points for i in impls if i.takes(m)) * REPEATS
-    return linear + len(POINTS) * (2 if attention else 1) * REPEATS
+    return linear + len(POINTS) * (2 if attention else 1) * REPEATS + (len(POINTS) if glue else 0)
 
 
 def measure_attention(model, kernel, *, points=POINTS, clock: Clock,
@@ -386,15 +389,19 @@ def _ranges(points: list[int], names: list[str]) -> list[tuple[int | None, str]]
     return table
 
 
-def choose_table(us: dict[str, dict[int, float]], impls: list[Impl], fallback: Impl) -> Table:
-    """The fastest implementation per measured pass length (see the module's docstring)."""
+def choose_table(us: dict[str, dict[int, float]], impls: list[Impl], fallback: Impl,
+                 force: dict[int, str] | None = None) -> Table:
+    """The fastest implementation per measured pass length (see the module's docstring);
+    force: {pass length: implementation} where that is decided already (then no packed
+    layout: it would serve those lengths too)."""
     by_name = {i.name: i for i in [fallback, *impls]}
     inf = float("inf")
+    force = force or {}
     points = sorted({m for t in us.values() for m, v in t.items() if v < inf})
     plain = {n: t for n, t in us.items() if not by_name[n].packed}
     if not points or not plain:
         return ((None, fallback),)
-    winners = [min(plain, key=lambda n: plain[n].get(m, inf)) for m in points]
+    winners = [force.get(m) or min(plain, key=lambda n: plain[n].get(m, inf)) for m in points]
     table = _ranges(points, winners)
     if by_name[table[-1][1]].max_m is not None:
         # the last winner takes short passes only (the head is measured up to 16 positions):
@@ -406,31 +413,76 @@ def choose_table(us: dict[str, dict[int, float]], impls: list[Impl], fallback: I
     best = {m: min(t.get(m, inf) for t in us.values()) for m in points}
     plain_slowdown = sum(plain[w].get(m, inf) / best[m] for m, w in zip(points, winners))
     for name, t in us.items():      # a packed layout: one choice for every pass length
-        if by_name[name].packed and all(m in t for m in points):
+        if by_name[name].packed and all(m in t for m in points) and not force:
             if sum(t[m] / best[m] for m in points) < plain_slowdown:
                 table = [(None, name)]
     return tuple((b, by_name[n]) for b, n in table)
 
 
-def choose_attention(us: dict[str, dict[int, float]]) -> tuple:
-    """((longest step, "cpu" | "sdpa"), ...): the faster per measured step length."""
+def choose_attention(us: dict[str, dict[int, float]], force: dict[int, str] | None = None) -> tuple:
+    """((longest step, "cpu" | "sdpa"), ...): the faster per measured step length (or the one
+    `force` names for it)."""
+    force = force or {}
     points = sorted({t for per_t in us.values() for t in per_t})
-    winners = [min(us, key=lambda n: us[n].get(t, float("inf"))) for t in points]
+    winners = [force.get(t) or min(us, key=lambda n: us[n].get(t, float("inf"))) for t in points]
     return tuple(_ranges(points, winners))
 
 
-def pass_cost(timings: dict, tables: dict[str, Table], attention: tuple) -> dict[int, float]:
-    """Cost of a pass of m positions relative to one, m in POINTS, from the chosen kernels."""
+def _at(table, m: int):
+    """What a ((longest pass, choice), ...) table names for a pass of m positions."""
+    return next(c for b, c in table if b is None or m <= b)
+
+
+def choose_layers(timings: dict, groups: list[Group], tables: dict[str, Table], attention: tuple,
+                  *, linear_auto: bool) -> list[int]:
+    """The measured pass lengths (POINTS) that run faster through decode_layers (every non-head
+    layer on the own kernel, the own attention: inference/native_layers.py) than through the
+    blocks with the kernels chosen so far: each way's kernels plus what it costs besides them
+    (timings["glue"], with kernels that do nothing). Forced linear kernels stay as they are:
+    then only lengths where they are the own ones can go native."""
+    from .native_layers import IMPLS
+
+    glue = timings.get("glue")
+    att = timings.get("attention", {}).get("us", {})
+    if not glue or "cpu" not in att:
+        return []
+    inf = float("inf")
+    native_points = []
+    for m in POINTS:
+        blocks = glue["blocks"].get(m, inf) + att[_at(attention, m)].get(m, inf)
+        native = glue["native"].get(m, inf) + att["cpu"].get(m, inf)
+        for group in groups:
+            us = timings["linear"][group.name]["us"]
+            impl = _at(tables[group.name], m)
+            here = us.get(impl.name, {}).get(m, inf)
+            blocks += here
+            if group.head:
+                native += here
+            elif linear_auto:
+                native += us.get("rows", {}).get(m, inf)
+            else:
+                native += here if impl.name in IMPLS else inf
+        if native < blocks:
+            native_points.append(m)
+    return native_points
+
+
+def pass_cost(timings: dict, tables: dict[str, Table], attention: tuple,
+              native: list[int] = ()) -> dict[int, float]:
+    """Cost of a pass of m positions relative to one, m in POINTS, from the chosen kernels and
+    what the chosen way through the layers costs besides them (where measured)."""
     total = {}
+    glue = timings.get("glue")
     for m in POINTS:
         cost = 0.0
         for name, table in tables.items():
-            impl = next(i for b, i in table if b is None or m <= b)
+            impl = _at(table, m)
             cost += timings["linear"][name]["us"].get(impl.name, {}).get(m, float("nan"))
         att = timings.get("attention")
         if att:
-            name = next(n for b, n in attention if b is None or m <= b)
-            cost += att["us"][name][m]
+            cost += att["us"][_at(attention, m)][m]
+        if glue:
+            cost += glue["native" if m in native else "blocks"][m]
         total[m] = cost
     one = total[1]
     return {m: c / one for m, c in total.items()} if one > 0 else {}
@@ -461,10 +513,13 @@ def draft_length(cost: dict[int, float], acceptance: float = ACCEPTANCE) -> int:
 
 def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear: str,
          attention, attention_requested: str, chunk: int, compiled: bool,
-         progress: Progress | None = None, kv_dtype: torch.dtype | None = None) -> Plan:
+         progress: Progress | None = None, kv_dtype: torch.dtype | None = None,
+         native_layers: bool = True) -> Plan:
     """Install the linear layers' kernels and set the attention table for `model` (on a CPU
     by measurement, kept on disk); returns what was chosen. attention: the installed
-    attention.AttentionChoice ("cpu" brings the own kernel; auto measures it against SDPA)."""
+    attention.AttentionChoice ("cpu" brings the own kernel; auto measures it against SDPA).
+    native_layers: also weigh running short passes through decode_layers (choose_layers; the
+    engine installs it afterwards: inference/native_layers.py)."""
     from .linear import candidates, forced, forced_table, install
 
     if compiled:
@@ -493,6 +548,14 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
 
     own_attention = attention.kernel if attention.name == "cpu" else None
     kernel_names = (["int8_linear", "q8_linear"] if int8 else ["rows_linear"]) + ["decode_attention"]
+    layers_kernel = None
+    if native_layers and own_attention is not None and dtype == torch.float32:
+        layers_kernel = cpu_kernels.load_decode_layers()
+        if isinstance(layers_kernel, str):
+            log.debug("decode_layers not available: %s", layers_kernel)
+            layers_kernel = None
+        else:
+            kernel_names.append("decode_layers")
     key = {**machine_key(), "kernels": cpu_kernels.build_ids(kernel_names),
            "dtype": str(dtype), "int8": int8, "chunk": chunk, "impls": [i.name for i in impls],
            "groups": [[g.name, len(g.layers)] for g in groups],
@@ -501,35 +564,57 @@ def plan(model, *, device: torch.device, dtype: torch.dtype, int8: bool, linear:
                          str(kv_dtype or dtype)]}
 
     def measure() -> dict:
-        clock = Clock(sweeps(groups, impls, chunk, own_attention is not None), progress)
+        clock = Clock(sweeps(groups, impls, chunk, own_attention is not None, layers_kernel is not None),
+                      progress)
         with torch.inference_mode():
-            return {"linear": measure_linear(layers, groups, impls, chunk=chunk, dtype=dtype, clock=clock),
-                    "attention": measure_attention(model, own_attention, clock=clock, kv_dtype=kv_dtype)}
+            timings = {"linear": measure_linear(layers, groups, impls, chunk=chunk, dtype=dtype, clock=clock),
+                       "attention": measure_attention(model, own_attention, clock=clock, kv_dtype=kv_dtype)}
+            if layers_kernel is not None:
+                from .native_layers import measure_glue
+
+                timings["glue"] = measure_glue(model, layers_kernel, POINTS, kv_dtype=kv_dtype,
+                                               tick=clock.tick)
+            return timings
 
     timings, source = measured(key, measure)
-    tables = {}
-    for group in groups:
-        us = timings["linear"][group.name]["us"]
-        if linear == "auto":
-            table = choose_table(us, impls, found.fallback)
-        elif impls[0].packed and not group.can_pack:
-            table = ((None, found.fallback),)
+    att_us = timings["attention"]["us"]
+    attention_auto = own_attention is not None and attention_requested == "auto"
+
+    def choose(native: list[int]) -> tuple[dict[str, Table], tuple]:
+        tables = {}
+        for group in groups:
+            us = timings["linear"][group.name]["us"]
+            if linear == "auto":
+                force = {m: "rows" for m in native} if not group.head else None
+                table = choose_table(us, impls, found.fallback, force)
+            elif impls[0].packed and not group.can_pack:
+                table = ((None, found.fallback),)
+            else:
+                table = forced_table(impls[0], found.fallback)
+            tables[group.name] = table
+        if attention_auto:
+            attention_table = choose_attention(att_us, {m: "cpu" for m in native})
         else:
-            table = forced_table(impls[0], found.fallback)
-        tables[group.name] = table
+            attention_table = ((None, attention.name if attention.name == "cpu" else "sdpa"),)
+        return tables, attention_table
+
+    tables, attention_table = choose([])
+    native = choose_layers(timings, groups, tables, attention_table, linear_auto=linear == "auto")
+    if native:
+        tables, attention_table = choose(native)
+    for group in groups:
         for layer in group.layers:
-            layer.table = table
-            if table[0][1].packed:
+            layer.table = tables[group.name]
+            if layer.table[0][1].packed:
                 layer.pack()
     release_freed_memory()
-    att_us = timings["attention"]["us"]
-    if own_attention is not None and attention_requested == "auto":
-        attention_table = choose_attention(att_us)
-    else:
-        attention_table = ((None, attention.name if attention.name == "cpu" else "sdpa"),)
     if own_attention is not None:
         model.attention.set_table(attention_table)
-    cost = pass_cost(timings, tables, attention_table)
-    result = Plan(tables, attention_table, draft_length(cost), cost, timings, source)
+    cost = pass_cost(timings, tables, attention_table, native)
+    layers_table = tuple(_ranges(list(POINTS) + [POINTS[-1] + 1],     # longer: the blocks
+                                 ["native" if m in native else "blocks" for m in POINTS] + ["blocks"])) \
+        if layers_kernel is not None else ()
+    result = Plan(tables, attention_table, draft_length(cost), cost, timings=timings, source=source,
+                  layers=layers_table)
     log.debug("kernels (%s): %s", source, json.dumps(result.describe()["linear"]))
     return result

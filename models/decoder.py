@@ -366,6 +366,10 @@ class Decoder(nn.Module):
         # The attention kernel every layer calls (see sdpa_attention); inference/attention.py
         # may install another one (flash-attn on CUDA).
         self.attention = sdpa_attention
+        # Another way to run every block of a pass, installed by inference/ (native_layers.py):
+        # run_layers(x, cos, sin, cache, attn) -> x after the last block, or None for a pass it
+        # does not take (the blocks then run one by one).
+        self.run_layers = None
 
     def share_int8_head(self) -> None:
         """A tied int8 head: a layer on the embedding's own int8 rows and scales (again after
@@ -423,8 +427,12 @@ class Decoder(nn.Module):
         cos, sin = cos[start: start + t].to(x.dtype), sin[start: start + t].to(x.dtype)
         attn = cache.plan(t) if cache is not None else self._plan_uncached(t, x.device)
         attn.kernel = self.attention
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, i, cache, attn)
+        out = None if self.run_layers is None else self.run_layers(x, cos, sin, cache, attn)
+        if out is not None:
+            x = out
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, cos, sin, i, cache, attn)
         if cache is not None:
             cache.length = start + t
         if last_only:

@@ -7,7 +7,7 @@
  * again memory bandwidth. Each (KV head, block of queries) task streams its keys and values in
  * blocks of BK positions, flash-attention style: the scores of a block, a running maximum and
  * sum per query, the output accumulated in registers-sized rows and rescaled when the maximum
- * grows. The queries of a GQA group share one read of their KV head. exp is a vectorised
+ * grows. The queries of a GQA group share one read of their KV head. exp is vec.h's vectorised
  * polynomial (relative error about 2e-7), so results match torch's SDPA to float rounding.
  *
  * Layouts: q [H, T, D] contiguous; k, v: [KH, S, D] with rows D apart and heads `head_stride`
@@ -27,28 +27,6 @@
 #define BK 64           /* keys per block */
 #define MAX_ROWS 16     /* queries per task (GQA group x positions) */
 #define MAX_D 256
-
-/* e^x for x <= 0 (scores minus their maximum), 16 lanes: 2^n * p(r), |r| <= ln2/2. */
-static inline v16 vexp(v16 x) {
-    const v16 lo = (v16){0} - 87.0f;
-    i16v small = x < lo;                      /* below this the result underflows to ~0 anyway */
-    x = (v16)(((i16v)lo & small) | ((i16v)x & ~small));
-    v16 n = x * 1.44269504088896341f;         /* x / ln 2 */
-    v16 nf = (n + 12582912.0f) - 12582912.0f; /* rounded to the nearest integer (|n| < 2^22) */
-    v16 r = x - nf * 0.693145751953125f - nf * 1.428606765330187045e-6f;
-    v16 p = (v16){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    i16v e = __builtin_convertvector(nf, i16v);
-    e = (e + 127) << 23;
-    v16 scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
 
 /* An IEEE half (its bits) as a float. */
 static inline float half_to_float(unsigned short h) {
@@ -134,13 +112,14 @@ static inline __attribute__((always_inline)) void attend(
             }
             float corr = m[r] == -INFINITY ? 0.f : expf(m[r] - mnew);
             float sum = 0.f;
-            for (long j = 0; j < BK; j += 16) {
-                v16 s = *(v16 *)(p[r] + j) - mnew;
-                v16 e = vexp(s);
-                v16 keep = (v16)((i16v)e & (s > -INFINITY));
-                *(v16 *)(p[r] + j) = keep;
-                sum += hsum(keep);
+            vf sums = {0};
+            for (long j = 0; j < BK; j += VL) {
+                vf s = *(vf *)(p[r] + j) - mnew;
+                vf keep = (vf)((vi)vexp(s) & (s > -INFINITY));
+                *(vf *)(p[r] + j) = keep;
+                sums += keep;
             }
+            sum = hsum_vf(sums);
             l[r] = l[r] * corr + sum;
             m[r] = mnew;
             if (corr != 1.f)

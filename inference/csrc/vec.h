@@ -4,7 +4,7 @@
  * - vf: the machine's native width, VL lanes (16 with AVX-512, 8 with AVX/AVX2, else 4: SSE2,
  *   NEON). Arrays of them (a kernel's accumulators) stay in registers; arrays of vectors wider
  *   than the machine's are moved through the stack by GCC 12 on every iteration.
- * - v16: 16 lanes whatever the machine (the attention kernel's blocks of 16 keys).
+ * - vi: int lanes of the same width (masks from comparisons, exponent bits).
  */
 #ifndef STABLELM_LSP_VEC_H
 #define STABLELM_LSP_VEC_H
@@ -20,19 +20,7 @@
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));   /* unaligned loads */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int i16v __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-/* The sum of the 16 lanes, reduced pairwise. */
-static inline float hsum(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
+typedef int vi __attribute__((vector_size(VL * 4)));                  /* lane masks, bits */
 
 /* The sum of the VL lanes, reduced pairwise. */
 static inline float hsum_vf(vf v) {
@@ -41,6 +29,30 @@ static inline float hsum_vf(vf v) {
     for (int w = VL / 2; w > 0; w /= 2)
         for (int i = 0; i < w; i++) t[i] += t[i + w];
     return t[0];
+}
+
+/* a where the mask's lanes are set, else b. */
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* e^x for x <= 0 (attention scores minus their maximum; silu's e^-|x|), VL lanes: 2^n * p(r),
+ * |r| <= ln2/2 (relative error about 2e-7). Native width only: GCC 12 compares vectors wider
+ * than the machine's one lane at a time. */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} - 87.0f;
+    x = vselect(x < lo, lo, x);               /* below this the result underflows to ~0 anyway */
+    vf n = x * 1.44269504088896341f;          /* x / ln 2 */
+    vf big = n + 12582912.0f;                 /* 1.5 * 2^23 + round(n): round(n) in its low bits */
+    vf nf = big - 12582912.0f;                /* rounded to the nearest integer (|n| < 2^22) */
+    vf r = x - nf * 0.693145751953125f - nf * 1.428606765330187045e-6f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vi e = ((vi)big - 0x4B400000 + 127) << 23;   /* 2^round(n) */
+    return p * (vf)e;
 }
 
 #endif
