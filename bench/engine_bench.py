@@ -12,7 +12,8 @@ float32 for the one built here).
 
 1. The kernels the engine chose on this machine (inference/tuning.py) for the 160M checkpoint
    below, float32 and int8: per group of layers the implementation per range of pass lengths,
-   the attention kernel, the draft length and the measured cost of a pass of m positions.
+   the attention kernel, which passes run every layer in one C call (inference/native_layers.py),
+   the draft length and the measured cost of a pass of m positions.
 2. Keystroke replay on a random StableLM-style checkpoint of about 160M parameters (hidden 768,
    12 layers, 12 heads, intermediate 2048, vocab 50304; built here with transformers and
    save_pretrained): a 1500-token prompt, then keystrokes each appending one token, 16 greedy
@@ -593,6 +594,12 @@ def describe_plan(label: str, plan) -> list[str]:
         lines.append(f"    {name + ' x' + str(groups.get(name, {}).get('layers', '?')):<24}{choice}")
     att = ", ".join(f"{'<= ' + str(b) if b else 'longer'}: {n}" for b, n in plan.attention)
     lines.append(f"    {'attention':<24}{att or 'not measured'}")
+    layers = ", ".join(f"{'<= ' + str(b) if b else 'longer'}: {n}" for b, n in plan.layers)
+    glue = plan.timings.get("glue")
+    if glue:    # what a pass of one position costs each way besides its kernels
+        layers += f" (one position besides the kernels: blocks {glue['blocks'][1] / 1e3:.2f} ms, " \
+                  f"native {glue['native'][1] / 1e3:.2f} ms)"
+    lines.append(f"    {'layers':<24}{layers or 'the blocks (no C call for every layer here)'}")
     return lines
 
 
