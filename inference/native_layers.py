@@ -12,8 +12,8 @@ before. The embedding and the head stay in Python (one call each per pass).
 
 Results are the blocks' to float rounding (LayerNorm's moments and the activations round
 differently from torch's; RoPE and the kernels are the same arithmetic); the library's self-check
-runs two small models of every shape the decoder has (qk-norms, parallel residual, gated and plain
-MLPs, the four activations, GQA, float16 cache, masks) through both.
+runs four small models covering every shape the decoder has (qk-norms, parallel residual, gated
+and plain MLPs, the four activations, GQA, a float16 cache, masks, a ring) through both.
 """
 from __future__ import annotations
 
@@ -83,7 +83,8 @@ def _address(fn) -> int:
 
 class NativeLayers:
     """A Decoder.run_layers hook (see models.decoder.Decoder.forward): the model's blocks for a
-    pass of t <= 16 positions of one sequence with a cache, where `takes[t]`; None otherwise."""
+    pass of t <= 16 positions of one sequence with a cache (float32 or float16), t one of
+    `lengths`; None for every other pass."""
 
     def __init__(self, kernel: LayersKernel, model, attention: CpuDecodeAttention,
                  lengths=range(1, CPU_MAX_POSITIONS + 1)):

@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "tasks.h"
@@ -191,7 +192,7 @@ long decode_layers_work(const Model *m, long M) {
  * or 1 for shapes it does not take, or what a kernel returned. */
 int decode_layers(const Model *m, float *x, long M, const float *cos, const float *sin,
                   void *k_cache, void *v_cache, int half, long layer_stride, long head_stride,
-                  const long *slots, long kv_len, const unsigned char *mask, float *work,
+                  const int64_t *slots, long kv_len, const unsigned char *mask, float *work,
                   int threads) {
     const long H = m->heads, KH = m->kv_heads, D = m->head_dim, rd = m->rotary_dim;
     const long hid = m->hidden, width = (H + 2 * KH) * D, up_n = m->inter * (m->gated ? 2 : 1);
