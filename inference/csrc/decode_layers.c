@@ -201,7 +201,7 @@ int decode_layers(const Model *m, float *x, long M, const float *cos, const floa
     float *h = work, *qkv = h + M * hid, *q = qkv + M * width, *att = q + M * H * D;
     float *att_rows = att + M * H * D, *o = att_rows + M * H * D, *up = o + M * hid;
     float *act = up + M * up_n, *mlp = act + M * m->inter;
-    const float scale = 1.f / sqrtf((float)D);
+    const float scale = (float)(1.0 / sqrt((double)D));     /* as Python computes D ** -0.5 */
     int rc;
     for (long li = 0; li < m->layers; li++) {
         const Layer *L = &m->layer[li];
