@@ -79,6 +79,50 @@ static inline __attribute__((always_inline)) float dot(const float *a, const voi
     return s;
 }
 
+#if VL == 8
+#define SV __builtin_shufflevector
+/* The sums of eight vectors' lanes, as one vector (a horizontal add tree, AVX2's vhaddps). */
+static inline vf reduce8(const vf *a) {
+#define HADD(x, y) (SV(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + SV(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
+    vf h01 = HADD(a[0], a[1]), h23 = HADD(a[2], a[3]), h45 = HADD(a[4], a[5]), h67 = HADD(a[6], a[7]);
+    vf h0123 = HADD(h01, h23), h4567 = HADD(h45, h67);
+#undef HADD
+    return SV(h0123, h4567, 0, 1, 2, 3, 8, 9, 10, 11) + SV(h0123, h4567, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
+
+/* Scores of one query against nb keys (rows D apart, float32 or float16), times scale, -inf
+ * where the mask row says no: p[0..nb). With 8 lanes, 8 keys at a time (one load of each query
+ * vector for 8 keys, one reduction tree for their 8 sums). */
+static inline __attribute__((always_inline)) void scores(const float *q, const void *k, long nb, long D,
+                                                         float scale, const unsigned char *mr, float *p,
+                                                         int half) {
+    const long esize = half ? 2 : 4;
+    long j = 0;
+#if VL == 8
+    if (D % VL == 0)
+        for (; j + 8 <= nb; j += 8) {
+            vf a[8];
+            for (int u = 0; u < 8; u++) a[u] = (vf){0};
+            const char *kj = (const char *)k + j * D * esize;
+            for (long d = 0; d < D; d += VL) {
+                vf qv = *(const vfu *)(q + d);
+                for (int u = 0; u < 8; u++) a[u] += qv * load_row(kj + u * D * esize, d, half);
+            }
+            vf sv = reduce8(a) * scale;
+            if (mr) {
+                vf minf = (vf){0} - INFINITY;
+                vi keep;
+                for (int u = 0; u < 8; u++) keep[u] = mr[j + u] ? -1 : 0;
+                sv = vselect(keep, sv, minf);
+            }
+            *(vfu *)(p + j) = sv;
+        }
+#endif
+    for (; j < nb; j++)
+        p[j] = (mr && !mr[j]) ? -INFINITY : dot(q, (const char *)k + j * D * esize, D, half) * scale;
+}
+
 /* rows: queries (pointers into q and out), each with its position index t for the mask; k and v
  * hold float32, or float16 (half). Inlined into one copy per element type. */
 static inline __attribute__((always_inline)) void attend(
@@ -98,11 +142,16 @@ static inline __attribute__((always_inline)) void attend(
         for (int r = 0; r < rows; r++) {
             const unsigned char *mr = mask ? mask + ts[r] * S + j0 : NULL;
             float bmax = -INFINITY;
-            for (long j = 0; j < nb; j++) {
-                float s = (mr && !mr[j]) ? -INFINITY
-                          : dot(qs[r], (const char *)k + (j0 + j) * D * esize, D, half) * scale;
-                p[r][j] = s;
-                bmax = s > bmax ? s : bmax;
+            if (rows > 1) {     /* compute-bound: 8 keys at a time (one query: memory-bound) */
+                scores(qs[r], (const char *)k + j0 * D * esize, nb, D, scale, mr, p[r], half);
+                for (long j = 0; j < nb; j++) bmax = p[r][j] > bmax ? p[r][j] : bmax;
+            } else {
+                for (long j = 0; j < nb; j++) {
+                    float s = (mr && !mr[j]) ? -INFINITY
+                              : dot(qs[r], (const char *)k + (j0 + j) * D * esize, D, half) * scale;
+                    p[r][j] = s;
+                    bmax = s > bmax ? s : bmax;
+                }
             }
             for (long j = nb; j < BK; j++) p[r][j] = -INFINITY;
             float mnew = bmax > m[r] ? bmax : m[r];
