@@ -25,6 +25,7 @@ import torch
 
 from .attention import CPU_MAX_POSITIONS, CpuDecodeAttention
 from .linear import KernelLinear
+from .tuning import choice_at
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,11 @@ class NativeLayers:
         for t in lengths:
             if 1 <= t <= CPU_MAX_POSITIONS:
                 self._by_length[t] = self._struct_for(t)
-        self._work = torch.empty(0)
+        own = attention.kernel     # by the cache's dtype: float32, float16
+        self._attention = {False: _address(own.fn), True: _address(own.fn16)}
+        # scratch for the longest pass, once (kernels that do nothing leave zeros: measure_glue)
+        some = next((e for e in self._by_length if e is not None), None)
+        self._work = torch.zeros(0 if some is None else kernel.work(ctypes.byref(some[0]), CPU_MAX_POSITIONS))
 
     @property
     def lengths(self) -> list[int]:
@@ -159,11 +164,7 @@ class NativeLayers:
             return None
         model = entry[0]
         half = cache.k.dtype == torch.float16
-        kernel = self.attention.kernel
-        model.attention = _address(kernel.fn16 if half else kernel.fn)
-        need = self.kernel.work(ctypes.byref(model), t)
-        if self._work.numel() < need:
-            self._work = torch.zeros(need)     # (kernels that do nothing leave zeros: measure_glue)
+        model.attention = self._attention[half]
         x = x.contiguous().clone()
         cos, sin = cos.contiguous(), sin.contiguous()
         slots = attn.slots.contiguous()
@@ -225,8 +226,7 @@ def install(model, table) -> NativeLayers | None:
     from .cpu_kernels import load_decode_layers
 
     model.run_layers = None
-    lengths = [t for t in range(1, CPU_MAX_POSITIONS + 1)
-               if next((c for b, c in table if b is None or t <= b), "blocks") == "native"]
+    lengths = [t for t in range(1, CPU_MAX_POSITIONS + 1) if table and choice_at(table, t) == "native"]
     if not lengths or not isinstance(model.attention, CpuDecodeAttention):
         return None
     kernel = load_decode_layers()

@@ -428,7 +428,7 @@ def choose_attention(us: dict[str, dict[int, float]], force: dict[int, str] | No
     return tuple(_ranges(points, winners))
 
 
-def _at(table, m: int):
+def choice_at(table, m: int):
     """What a ((longest pass, choice), ...) table names for a pass of m positions."""
     return next(c for b, c in table if b is None or m <= b)
 
@@ -449,11 +449,11 @@ def choose_layers(timings: dict, groups: list[Group], tables: dict[str, Table], 
     inf = float("inf")
     native_points = []
     for m in POINTS:
-        blocks = glue["blocks"].get(m, inf) + att[_at(attention, m)].get(m, inf)
+        blocks = glue["blocks"].get(m, inf) + att[choice_at(attention, m)].get(m, inf)
         native = glue["native"].get(m, inf) + att["cpu"].get(m, inf)
         for group in groups:
             us = timings["linear"][group.name]["us"]
-            impl = _at(tables[group.name], m)
+            impl = choice_at(tables[group.name], m)
             here = us.get(impl.name, {}).get(m, inf)
             blocks += here
             if group.head:
@@ -476,11 +476,11 @@ def pass_cost(timings: dict, tables: dict[str, Table], attention: tuple,
     for m in POINTS:
         cost = 0.0
         for name, table in tables.items():
-            impl = _at(table, m)
+            impl = choice_at(table, m)
             cost += timings["linear"][name]["us"].get(impl.name, {}).get(m, float("nan"))
         att = timings.get("attention")
         if att:
-            cost += att["us"][_at(attention, m)][m]
+            cost += att["us"][choice_at(attention, m)][m]
         if glue:
             cost += glue["native" if m in native else "blocks"][m]
         total[m] = cost
