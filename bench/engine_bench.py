@@ -35,8 +35,13 @@ float32 for the one built here).
    is timed) and its fallback on longer ones (the untimed prefill of the prompt: torch's int8
    kernel would take minutes there). "int8 q8" (the own kernel rounding the inputs to int8 as
    Q8_0 does; never chosen by auto) is reported against llama.cpp Q8_0 too, and left out of
-   auto's "best forced". Measured in rounds: each decode run and each keystroke goes
-   through every configuration in turn, so load from other processes falls on all alike. Decode is also stated against the floor set by the
+   auto's "best forced". Measured in rounds (--rounds decode runs, --compare-keystrokes
+   keystrokes): each decode run and each keystroke goes through every configuration in turn,
+   the order reversed every other time, so load from other processes falls on all alike; a
+   configuration's figure is its median, and every ratio between two of them is paired: the
+   median of the ratios of two runs in the same round (two replays of the same keystroke),
+   taken seconds apart, so the VM's drift between rounds cancels. Each engine's draft length
+   (from its own measured pass costs) is printed beside it. Decode is also stated against the floor set by the
    machine's memory bandwidth (a large tensor copy): (weight bytes read per token + KV bytes
    read) / bandwidth.
 4. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV
@@ -53,7 +58,7 @@ device), int8 where candidates() has an implementation for it there; llama.cpp i
 Prints tables and one JSON line with the numbers and ratios.
 
     python bench/engine_bench.py [--threads N] [--keystrokes 20] [--compare-keystrokes 10]
-        [--scratch-keystrokes 5] [--llama-sdist PATH] [--no-llama] [--no-int8]
+        [--scratch-keystrokes 5] [--rounds 7] [--llama-sdist PATH] [--no-llama] [--no-int8]
         [--device cpu|cuda[:N]] [--dtype float32|bfloat16|float16]
         [--decode-step off|static|compile|cuda-graph]
 """
@@ -383,12 +388,28 @@ class TransformersRunner:
         pass
 
 
-def compare(path: Path, hf, vocab: int, keystrokes: int, configs: list[Config], llama: dict) -> dict:
+def in_turn(runners: list, round_: int) -> list:
+    """The runners in the order round `round_` takes them: reversed every other round, so no
+    configuration always runs right after the same neighbour (a cache it left warm or cold)."""
+    return runners if round_ % 2 == 0 else runners[::-1]
+
+
+def paired(ours: list[float], theirs: list[float]) -> float:
+    """The median of the ratios of times taken in the same round (decode) or on the same
+    keystroke: each pair ran seconds apart, so a drift in the machine's speed between rounds
+    (other processes, the VM's neighbours) cancels in the ratio, where a ratio of two medians
+    or minima taken at different times keeps it."""
+    return statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+
+
+def compare(path: Path, hf, vocab: int, keystrokes: int, rounds: int, configs: list[Config],
+            llama: dict) -> dict:
     """Decode and keystroke replay for every configuration, transformers and llama.cpp, in
-    rounds: each decode run and each keystroke goes through every runner in turn, so load from
-    other processes falls on all of them alike; the best of three decode runs, the median
-    keystroke. A configuration the engine refuses (a forced implementation with a compiled
-    decode step, say) is left out with the reason."""
+    rounds: each decode round and each keystroke goes through every runner in turn (the order
+    reversed every other time), so load from other processes falls on all of them alike; a
+    runner's figures are the median over the rounds and keystrokes, and every ratio between
+    two runners is `paired`. A configuration the engine refuses (a forced implementation with
+    a compiled decode step, say) is left out with the reason."""
     from stablelm_lsp.inference.errors import InvalidParameter
 
     decode_prompt = random_ids(PROMPT_TOKENS, vocab, seed=2)
@@ -404,25 +425,28 @@ def compare(path: Path, hf, vocab: int, keystrokes: int, configs: list[Config], 
     try:
         for runner in runners:
             runner.prepare(decode_prompt, base)
-        decode = {r.name: float("inf") for r in runners}
+        decode = {r.name: [] for r in runners}      # seconds per token, one a round
         tokens, replay = {}, {r.name: [] for r in runners}
         keystroke_out = {r.name: [] for r in runners}
-        for run in range(3):
-            for runner in runners:
+        for run in range(rounds):
+            for runner in in_turn(runners, run):
                 seconds, tokens[runner.name] = runner.decode(run)
-                decode[runner.name] = min(decode[runner.name], seconds / (DECODE_STEPS + 1))
-        for prompt in prompts:
-            for runner in runners:
+                decode[runner.name].append(seconds / (DECODE_STEPS + 1))
+        for k, prompt in enumerate(prompts):
+            for runner in in_turn(runners, k):
                 t0 = time.perf_counter()
                 keystroke_out[runner.name].append(runner.keystroke(prompt))
                 replay[runner.name].append(time.perf_counter() - t0)
         plans = {r.name.split()[0]: r.plan for r in runners
                  if isinstance(r, EngineRunner) and r.name.endswith(" auto")}
+        drafts = {r.name: r.replay_engine.draft_tokens for r in runners if isinstance(r, EngineRunner)}
     finally:
         for runner in runners:
             runner.close()
-    rows = {name: {"decode_s": decode[name], "keystroke_s": statistics.median(replay[name]),
-                   "keystroke_out": keystroke_out[name]} for name in decode}
+    rows = {name: {"decode_s": statistics.median(decode[name]), "decode_rounds": decode[name],
+                   "keystroke_s": statistics.median(replay[name]), "keystroke_each": replay[name],
+                   "keystroke_out": keystroke_out[name], "draft_tokens": drafts.get(name)}
+            for name in decode}
     return {"rows": rows, "plans": plans, "tokens": tokens, "refused": refused}
 
 
@@ -608,6 +632,8 @@ def main() -> None:
     ap.add_argument("--keystrokes", type=int, default=20)
     ap.add_argument("--compare-keystrokes", type=int, default=10,
                     help="keystrokes replayed per configuration in the comparison (3.)")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="decode runs per configuration in the comparison (3.), in rounds")
     ap.add_argument("--scratch-keystrokes", type=int, default=5,
                     help="keystrokes timed for generate-from-scratch (each recomputes 1500 tokens)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -668,7 +694,7 @@ def main() -> None:
         params = sum(p.numel() for p in hf.parameters())
         keys = keystroke_replay(path, hf, vocab, args.keystrokes, args.scratch_keystrokes)
         typing = typing_the_suggestion(path, hf, vocab, args.keystrokes)
-        comparison = compare(path, hf, vocab, args.compare_keystrokes, configs, llama)
+        comparison = compare(path, hf, vocab, args.compare_keystrokes, args.rounds, configs, llama)
         floors = decode_floor(path, bandwidth, int8)
         del hf
         window = sliding_window_memory(tmp / "starcoder2-w256")
@@ -688,12 +714,19 @@ def main() -> None:
         name = min(forced, key=forced.get)
         return name, forced[name]
 
+    series = {"decode_s": "decode_rounds", "keystroke_s": "keystroke_each"}
+
+    def between(ours: str, theirs: str, what: str) -> float:
+        """ours / theirs in `what` (decode_s, keystroke_s), paired round by round (keystroke by
+        keystroke): see `paired`."""
+        return paired(rows[ours][series[what]], rows[theirs][series[what]])
+
     ratios = {
         "keystroke_vs_cropped": keys["ours_s"] / keys["cropped_s"],
         "keystroke_vs_scratch": keys["ours_s"] / keys["scratch_s"],
         "keystroke_no_drafts_vs_cropped": keys["no_drafts_s"] / keys["cropped_s"],
         "typing_suggestion_vs_cropped": typing["ours_s"] / typing["cropped_s"],
-        "decode_vs_transformers": rows[auto]["decode_s"] / rows["transformers"]["decode_s"],
+        "decode_vs_transformers": between(auto, "transformers", "decode_s"),
         "decode_floor_fraction": floors[fd]["floor_s"] / rows[auto]["decode_s"],
         "transformers_decode_floor_fraction": floors[fd]["floor_s"] / rows["transformers"]["decode_s"],
         "window_kv_vs_linear": window["held_bytes"] / window["linear_bytes"],
@@ -702,18 +735,20 @@ def main() -> None:
         for what in ("decode_s", "keystroke_s"):
             best = best_forced(dtype, what)
             if best is not None:
-                ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}"] = rows[f"{dtype} auto"][what] / best[1]
+                ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}"] = between(f"{dtype} auto", best[0], what)
+                # the same as a ratio of the two medians (not paired), for comparison
+                ratios[f"{dtype}_auto_vs_best_forced_{what[:-2]}_unpaired"] = rows[f"{dtype} auto"][what] / best[1]
     if "int8" in measured:
-        ratios[f"int8_decode_vs_{fd}"] = rows["int8 auto"]["decode_s"] / rows[auto]["decode_s"]
+        ratios[f"int8_decode_vs_{fd}"] = between("int8 auto", auto, "decode_s")
         if "int8 q8" in rows:
-            ratios[f"int8_q8_decode_vs_{fd}"] = rows["int8 q8"]["decode_s"] / rows[auto]["decode_s"]
+            ratios[f"int8_q8_decode_vs_{fd}"] = between("int8 q8", auto, "decode_s")
         ratios["int8_decode_floor_fraction"] = floors["int8"]["floor_s"] / rows["int8 auto"]["decode_s"]
     for peer, ours in (("llama.cpp f32", "float32 auto"), ("llama.cpp q8_0", "int8 auto"),
                        ("llama.cpp q8_0", "int8 q8")):
         if peer in rows and ours in rows:
             for what in ("decode_s", "keystroke_s"):
                 ratios[f"{ours.replace(' ', '_')}_vs_{peer.replace(' ', '_')}_{what[:-2]}"] = \
-                    rows[ours][what] / rows[peer][what]
+                    between(ours, peer, what)
 
     print(f"{device_name(device)} ({device}), {fd}, {threads} thread{'s' if threads > 1 else ''}, decode step "
           f"{args.decode_step}; {params / 1e6:.0f}M-parameter StableLM-style checkpoint; copy bandwidth "
@@ -739,12 +774,15 @@ def main() -> None:
     print(f"  {'transformers, DynamicCache cropped':<42}{typing['cropped_s'] * ms:>9.0f} ms   "
           f"ratio {ratios['typing_suggestion_vs_cropped']:.2f}")
     print(f"  same tokens: {typing['same_tokens']}")
-    print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context (one pass per token) and keystroke "
-          f"replay (median of {args.compare_keystrokes}, drafts on), per configuration")
-    print(f"  {'':<28}{'decode ms':>10}{'keystroke ms':>14}   same tokens as {auto} (decode)")
+    print(f"\ndecode per token at {PROMPT_TOKENS} tokens of context (one pass per token; median of "
+          f"{args.rounds} rounds) and keystroke replay (median of {args.compare_keystrokes}, drafts on), "
+          f"per configuration, all in rounds; ratios below are paired (the median of the ratios within "
+          f"a round or keystroke)")
+    print(f"  {'':<28}{'decode ms':>10}{'keystroke ms':>14}{'drafts':>8}   same tokens as {auto} (decode)")
     want = tokens[auto]
     for name, r in rows.items():
-        print(f"  {name:<28}{r['decode_s'] * ms:>10.1f}{r['keystroke_s'] * ms:>14.0f}   "
+        draft = "" if r["draft_tokens"] is None else r["draft_tokens"]
+        print(f"  {name:<28}{r['decode_s'] * ms:>10.1f}{r['keystroke_s'] * ms:>14.0f}{draft:>8}   "
               f"{sum(a == b for a, b in zip(tokens[name], want))}/{len(want)}")
     for name, why in not_measured.items():
         print(f"  {name}: not measured ({why})")
@@ -755,7 +793,8 @@ def main() -> None:
             best = best_forced(dtype, what + "_s")
             if best is not None:
                 print(f"  {dtype} auto / best forced ({best[0]}), {what}: "
-                      f"{ratios[f'{dtype}_auto_vs_best_forced_{what}']:.3f} (target <= 1.05)")
+                      f"{ratios[f'{dtype}_auto_vs_best_forced_{what}']:.3f} (target <= 1.05; ratio of "
+                      f"the medians, not paired: {ratios[f'{dtype}_auto_vs_best_forced_{what}_unpaired']:.3f})")
     print(f"  {auto} / transformers, decode: {ratios['decode_vs_transformers']:.2f} (target <= 0.5); "
           f"{ratios['decode_floor_fraction']:.0%} of the bandwidth floor "
           f"({floors[fd]['floor_s'] * ms:.1f} ms: {floors[fd]['weight_bytes'] / mib:.0f} MiB "
@@ -787,7 +826,8 @@ def main() -> None:
         "typing_suggestion_ms": {k: round(typing[k + "_s"] * ms, 1) for k in ("ours", "cropped")},
         "drafts": {"keystroke": [keys["accepted"], keys["drafted"]],
                    "typing_suggestion": [typing["accepted"], typing["drafted"]]},
-        "configurations_ms": {n: {"decode": round(r["decode_s"] * ms, 2), "keystroke": round(r["keystroke_s"] * ms, 1)}
+        "configurations_ms": {n: {"decode": round(r["decode_s"] * ms, 2), "keystroke": round(r["keystroke_s"] * ms, 1),
+                                  "draft_tokens": r["draft_tokens"]}
                               for n, r in rows.items()},
         "floor_ms": {d: round(f["floor_s"] * ms, 2) for d, f in floors.items()},
         "window_kv_bytes": {k: window[k] for k in ("held_bytes", "window_bytes", "linear_bytes",
