@@ -30,8 +30,9 @@ from .native_layers import install as install_native_layers
 from .prefix_cache import PrefixCache, Slot
 from .sampling import Sampler, SamplingParams
 from .scheduler import Job, Scheduler
-from .speculation import Drafter
+from .speculation import Acceptance, Drafter
 from .stopping import TokenStops
+from .tuning import ACCEPTANCE, draft_length
 from .tuning import plan as plan_kernels
 
 # Prompt tokens run per forward step during prefill: large enough to keep the matrix units busy,
@@ -139,6 +140,11 @@ class Engine:
                                     compiled=decode_step == "compile", progress=progress,
                                     kv_dtype=self.kv_dtype, native_layers=native_layers)
         self.native_layers = install_native_layers(self.model, self.kernels.layers)
+        # Drafts of a length from the measured cost of a pass (a CPU) follow the acceptance
+        # measured while serving: `_update_draft_tokens`. A length given, or none measured: fixed.
+        self._adaptive_draft = draft_tokens is None and bool(self.kernels.draft_tokens) \
+            and bool(self.kernels.pass_cost)
+        self.acceptance = Acceptance(ACCEPTANCE)
         if draft_tokens is None:
             draft_tokens = self.kernels.draft_tokens
         if draft_tokens is None:
@@ -317,6 +323,7 @@ class Engine:
             self.prefix_cache.release(slot)
             if result.token_ids:
                 self._remember(job.key, tokens + result.token_ids)
+            self._update_draft_tokens()
         result.elapsed_s = time.monotonic() - started
         return result
 
@@ -344,6 +351,14 @@ class Engine:
             else:
                 rows = self._forward(slot, chunk + draft, all_rows=True)[len(chunk) - 1:]
         return rows, draft, None
+
+    def _update_draft_tokens(self) -> None:
+        """The draft length that gives the most tokens per unit of time for the measured cost of
+        a pass of k + 1 positions (inference/tuning.py) at the acceptance of the looked-up drafts
+        verified so far (the assumed ACCEPTANCE until there are some); at least one, so drafts
+        keep being tried and measured."""
+        if self._adaptive_draft:
+            self.draft_tokens = max(1, draft_length(self.kernels.pass_cost, self.acceptance.rate))
 
     def _draft_limit(self, drafter: Drafter, k: int, greedy: bool) -> int:
         """Most draft tokens for the next pass: the adaptive k, or further while a greedy request
@@ -381,6 +396,8 @@ class Engine:
                 self._cut(slot, base + kept)
                 result.drafted_tokens += len(draft)
                 result.accepted_tokens += kept
+                if not drafter.last_aligned:    # the previous completion's rest: nearly all taken
+                    self.acceptance.add(kept, len(draft))
                 # a draft taken whole may go further next time; one refused early, less far
                 k = min(self.draft_tokens, 2 * k) if kept == len(draft) else max(2, kept + 1)
             if reason:

@@ -73,6 +73,7 @@ class Drafter:
         # While the sequence is a prefix of the previous one (the same request again, or the
         # user typed part of the suggestion), where it stands in it: the draft is what follows.
         self._aligned: int | None = None
+        self.last_aligned = False   # whether the last draft was what followed there
         if previous and len(previous) > len(prompt) and list(previous[:len(prompt)]) == list(prompt):
             self._aligned = len(prompt)
 
@@ -104,7 +105,8 @@ class Drafter:
 
     def draft(self, k: int) -> list[int]:
         """Up to k tokens likely to follow the sequence (empty when nothing matches)."""
-        if k > 0 and self.aligned:
+        self.last_aligned = k > 0 and self.aligned
+        if self.last_aligned:
             return self._previous_tokens[self._aligned:self._aligned + k]
         if self._pending:
             # the newest token is the suffix being looked up: index everything before it now,
@@ -126,6 +128,29 @@ class Drafter:
                         return source.tokens[start:start + k]
                     return _copy_periodic(seq, start, k)
         return []
+
+
+class Acceptance:
+    """A running estimate of the chance that a looked-up draft token is taken, from the drafts
+    verified so far. A draft is taken token by token up to the first one the model refuses, so
+    the estimate is taken / (taken + refusals) (a draft taken whole has no refusal). It starts
+    as `prior` counted as `weight` tokens; past `window` tokens the counts are halved, so the
+    estimate follows what the user is writing now."""
+
+    def __init__(self, prior: float, weight: float = 16.0, window: float = 256.0):
+        self.taken, self.refused = prior * weight, (1.0 - prior) * weight
+        self.window = window
+
+    def add(self, kept: int, drafted: int) -> None:
+        """One draft of `drafted` tokens whose first `kept` were taken."""
+        self.taken += kept
+        self.refused += kept < drafted
+        if self.taken + self.refused > self.window:
+            self.taken, self.refused = self.taken / 2, self.refused / 2
+
+    @property
+    def rate(self) -> float:
+        return self.taken / (self.taken + self.refused)
 
 
 def _copy_periodic(seq: list[int], start: int, k: int) -> list[int]:

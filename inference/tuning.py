@@ -27,7 +27,8 @@ other processes kept the CPUs busy (load average) are used, and replaced at the 
 finds the machine quiet.
 
 The draft length of speculation (engine.py) follows from the same numbers: the cost of a pass
-of k + 1 positions against one, and an assumed chance ACCEPTANCE that a draft token is taken.
+of k + 1 positions against one, and the chance that a draft token is taken: ACCEPTANCE at first,
+then what the engine measures while serving (speculation.Acceptance).
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ VERSION = 1
 POINTS = (1, 2, 4, 8, 16)   # pass lengths measured up to the longest draft verification
 REPEATS = 2
 ABORT_FACTOR = 1.5
-# Chance a draft token is taken, for choosing the draft length (bench/engine_bench.py's n-gram
-# drafts: about 0.8 of them; the previous completion's, typed by the user: nearly all).
+# Chance a looked-up draft token is taken, for choosing the draft length until the engine has
+# measured it (bench/engine_bench.py's n-gram drafts: about 0.8 of them; the previous
+# completion's, typed by the user, nearly all, are not what the length is chosen for).
 ACCEPTANCE = 0.75
 MAX_DRAFT = POINTS[-1] - 1
 ATTENTION_CONTEXT = 1024    # keys attended while timing attention (fewer if the model has fewer)

@@ -212,3 +212,46 @@ def test_the_engine_drafts_as_far_as_measured(stablelm_checkpoint):
         assert engine.draft_tokens == plan.draft_tokens == tuning.draft_length(plan.pass_cost)
     with Engine(load_model(stablelm_checkpoint, device="cpu", dtype="float32"), draft_tokens=3) as engine:
         assert engine.draft_tokens == 3
+
+
+def test_the_draft_length_follows_the_acceptance_measured_while_serving(stablelm_checkpoint):
+    from stablelm_lsp.inference.speculation import Acceptance
+
+    rate = Acceptance(0.75, weight=16, window=64)
+    assert rate.rate == 0.75
+    for _ in range(4):
+        rate.add(1, 8)                          # 1 taken, then a refusal
+    assert rate.rate == pytest.approx((12 + 4) / (12 + 4 + 4 + 4))
+    for _ in range(100):
+        rate.add(8, 8)                          # taken whole: no refusal
+    assert rate.rate > 0.95 and rate.taken + rate.refused <= 64   # older counts fade
+
+    cheap = {1: 1.0, 2: 1.01, 4: 1.03, 8: 1.07, 16: 1.15}       # positions nearly free
+    assert tuning.draft_length(cheap, 0.3) < 8 < tuning.draft_length(cheap, 0.99) == tuning.MAX_DRAFT
+    repeating = [11, 12, 13, 14, 15] * 8        # n-gram drafts, whatever the random model says
+
+    loaded = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
+    with Engine(loaded) as engine:
+        engine.kernels.pass_cost = cheap
+        for _ in range(300):
+            engine.acceptance.add(0, 4)          # every draft refused at once
+        engine.generate([20, 21, 22], max_new_tokens=2)
+        assert 1 <= engine.draft_tokens == max(1, tuning.draft_length(cheap, engine.acceptance.rate)) < 8
+        for _ in range(300):
+            engine.acceptance.add(8, 8)
+        engine.generate([20, 21, 22], max_new_tokens=2)
+        assert engine.draft_tokens == tuning.MAX_DRAFT
+        # the engine's own looked-up drafts are counted, taken or refused
+        before = (engine.acceptance.taken, engine.acceptance.refused)
+        first = engine.generate(repeating, max_new_tokens=12, key="doc")
+        assert first.drafted_tokens > 0 and (engine.acceptance.taken, engine.acceptance.refused) != before
+        # the rest of the previous completion (the same request again) is not: nearly always taken
+        before = (engine.acceptance.taken, engine.acceptance.refused)
+        again = engine.generate(repeating, max_new_tokens=12, key="doc")
+        assert again.token_ids == first.token_ids and again.accepted_tokens == 11
+        assert (engine.acceptance.taken, engine.acceptance.refused) == before
+    with Engine(load_model(stablelm_checkpoint, device="cpu", dtype="float32"), draft_tokens=3) as engine:
+        for _ in range(300):
+            engine.acceptance.add(0, 4)
+        engine.generate(repeating, max_new_tokens=4)
+        assert engine.draft_tokens == 3         # a length given is kept
