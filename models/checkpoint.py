@@ -18,6 +18,7 @@ import torch
 
 from .config import ModelConfig
 from .decoder import Decoder
+from .pages import advise_huge_pages
 from .errors import CheckpointError, CheckpointNotFound, PickleRefused
 from .hub import resolve_checkpoint
 from .quantize import is_quantized, quantize_rows
@@ -249,6 +250,8 @@ def load_model(path_or_id: str | os.PathLike, device: str | torch.device = "auto
                 if hasattr(module, "dtype"):
                     module.dtype = dt
         model = model.to_empty(device=dev)
+        for tensor in (*model.parameters(), *model.buffers()):  # before they are written
+            advise_huge_pages(tensor)
         if int8 and tied:
             model.share_int8_head()
         _fill(model, cfg, source, progress)

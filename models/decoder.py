@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .pages import advise_huge_pages
 from .quantize import Int8Embedding, Int8Linear
 
 
@@ -212,9 +213,12 @@ class KVCache:
             capacity = self.window  # a ring shorter than the window would lose needed keys
         self.capacity = int(capacity)
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, self.capacity, cfg.head_dim)
-        make = torch.zeros if zeroed else torch.empty
-        self.k = make(shape, device=device, dtype=dtype)
-        self.v = make(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        for t in (self.k, self.v):
+            advise_huge_pages(t)    # read whole at every step, like the weights (pages.py)
+            if zeroed:
+                t.zero_()
         self.positions = torch.full((self.capacity,), -1, dtype=torch.long, device=device)
         self.length = 0
         # Rings: the first position whose keys are still held. Kept explicitly because cutting

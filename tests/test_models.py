@@ -102,3 +102,40 @@ def test_auto_dtype_is_float32_on_cpu(stablelm_checkpoint):
     assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if loaded.device.type == "cpu":
         assert loaded.dtype == torch.float32
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page mode (always / madvise / never), None off Linux."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+def test_weights_and_kv_caches_are_asked_onto_huge_pages(stablelm_checkpoint, monkeypatch):
+    from stablelm_lsp.models import checkpoint, pages
+
+    if _thp_mode() in (None, "never"):
+        pytest.skip(f"no transparent huge pages here (mode: {_thp_mode()})")
+    assert not pages.advise_huge_pages(torch.empty(1000))     # smaller than one huge page
+    big = torch.empty(16 << 20, dtype=torch.uint8)
+    assert pages.advise_huge_pages(big)
+    big.fill_(1)                                               # faulted in after the advice
+    assert pages.huge_page_bytes(big) > 0
+    # the loader advises every parameter before writing it, the cache its keys and values
+    advised = []
+    real = pages.advise_huge_pages
+    monkeypatch.setattr(checkpoint, "advise_huge_pages", lambda t: advised.append(t) or real(t))
+    loaded = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
+    assert {id(p) for p in loaded.model.parameters()} <= {id(t) for t in advised}
+    reference = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
+    for a, b in zip(loaded.model.parameters(), reference.model.parameters()):
+        assert torch.equal(a, b)
+    from stablelm_lsp.models import decoder
+
+    cached = []
+    monkeypatch.setattr(decoder, "advise_huge_pages", lambda t: cached.append(t) or real(t))
+    cache = loaded.model.new_cache(64)
+    assert [id(t) for t in cached] == [id(cache.k), id(cache.v)]
+    assert not cache.k.any() and not cache.v.any()             # still zeroed after the advice

