@@ -2,10 +2,12 @@
 
 A decode step reads every weight and the whole KV cache once: hundreds of MiB streamed from
 memory, where with 4 KiB pages each page costs a TLB miss and a page-table walk, and the
-hardware prefetchers stop at every page boundary. Backed by 2 MiB pages, the same read runs
-7-9% faster on the 160M model here (AMD EPYC, Zen 3: the own float32 rows kernel over the
-model's 472 MiB of weights, 1 and 2 threads, pages of both kinds measured in turn). Linux
-hands out huge pages for anonymous memory either always or, the common default
+hardware prefetchers stop at every page boundary. On this project's VM (AMD EPYC, Zen 3;
+`bench/pages_bench.py`, both kinds of pages measured in turn, paired ratios): the own float32
+rows kernel over 472 MiB of weights in one mapping (a one-off script) 0.92-0.95x the time, over the 160M model's
+own weights 0.96-0.97x (one run 1.14x), a whole decode step at 1500 tokens 0.94-1.01x: a few
+percent, within this VM's noise in single runs. Linux hands out huge pages for anonymous memory
+either always or, the common default
 (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise), only where a program asks: this asks
 for the memory of tensors large enough to hold one, before it is first written (pages already
 faulted in stay small until the kernel's khugepaged collapses them, if it does). Elsewhere
