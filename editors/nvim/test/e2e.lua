@@ -392,14 +392,25 @@ if native_child then
   end)
 
   case(':StablelmChatStop stops a reply mid-stream; the server stays usable', function()
+    -- Stopped from the child's own event loop at the first delta: the tiny model writes 400
+    -- tokens in well under 100 ms, faster than this process could poll for the delta and answer.
     native_child:lua([[
       _G.chat_result = nil
       _G.deltas = 0
+      local chat = require('stablelm.chat')
+      local on_delta = chat.on_delta
+      local stop = true
+      chat.on_delta = function(params)
+        on_delta(params)
+        if stop then
+          stop = false
+          vim.schedule(function() vim.cmd('StablelmChatStop') end)
+        end
+      end
       require('stablelm').configure({ maxNewTokens = 400 })
       vim.cmd('StablelmChat Write a long story.')
     ]])
     native_child:wait('the first delta', REPLY_TIMEOUT_MS, 'return _G.deltas > 0 or _G.chat_result ~= nil')
-    native_child:lua('vim.cmd("StablelmChatStop")')
     local result = native_child:wait('the stopped reply', 5000, 'return _G.chat_result')
     expect(result.note == 'stopped', 'reply note: ' .. tostring(result.note))
     local text = table.concat(native_child:lua([[return vim.api.nvim_buf_get_lines(vim.fn.bufnr('stablelm://chat'), 0, -1, false)]]), '\n')
