@@ -18,9 +18,9 @@ import torch
 
 from .config import ModelConfig
 from .decoder import Decoder
-from .pages import advise_huge_pages
 from .errors import CheckpointError, CheckpointNotFound, PickleRefused
 from .hub import resolve_checkpoint
+from .pages import advise_huge_pages
 from .quantize import is_quantized, quantize_rows
 from .safetensors_io import TensorSource
 from .tokenizer import Tokenizer

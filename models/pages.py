@@ -1,13 +1,13 @@
-"""Large tensors on 2 MiB pages: transparent huge pages, asked for with madvise.
+"""Large tensors on huge pages (2 MiB on x86): transparent huge pages, asked for with madvise.
 
 A decode step reads every weight and the whole KV cache once: hundreds of MiB streamed from
 memory, where with 4 KiB pages each page costs a TLB miss and a page-table walk, and the
 hardware prefetchers stop at every page boundary. On this project's VM (AMD EPYC, Zen 3;
 `bench/pages_bench.py`, both kinds of pages measured in turn, paired ratios): the own float32
-rows kernel over 472 MiB of weights in one mapping (a one-off script) 0.92-0.95x the time, over the 160M model's
-own weights 0.96-0.97x (one run 1.14x), a whole decode step at 1500 tokens 0.94-1.01x: a few
-percent, within this VM's noise in single runs. Linux hands out huge pages for anonymous memory
-either always or, the common default
+rows kernel over 472 MiB of weights in one mapping (a one-off script) 0.92-0.95x the time, over
+the 160M model's own weights 0.96-0.97x (one run 1.14x), a whole decode step at 1500 tokens
+0.94-1.01x: a few percent, within this VM's noise in single runs. Linux hands out huge pages
+for anonymous memory either always or, the common default
 (`/sys/kernel/mm/transparent_hugepage/enabled` = madvise), only where a program asks: this asks
 for the memory of tensors large enough to hold one, before it is first written (pages already
 faulted in stay small until the kernel's khugepaged collapses them, if it does). Elsewhere
@@ -18,13 +18,29 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 
 import torch
 
-HUGE_PAGE = 2 << 20
-_PAGE = 4096
 _MADV_HUGEPAGE = 14
+
+
+def _sizes() -> tuple[int, int]:
+    """(page, huge page) sizes: the huge page is the kernel's PMD size (2 MiB on x86-64 and on
+    arm64 with 4 KiB pages), 2 MiB where the kernel does not say."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        page = 4096
+    try:
+        huge = int(open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read())
+    except (OSError, ValueError):
+        huge = 2 << 20
+    return page, huge
+
+
+_PAGE, HUGE_PAGE = _sizes()
 
 
 @functools.cache
