@@ -115,6 +115,8 @@ class GenerationResult:
     elapsed_s: float = 0.0
     drafted_tokens: int = 0         # speculative draft tokens verified (0 where not supported)
     accepted_tokens: int = 0        # of those, the ones kept
+    draft_length: int | None = None  # the engine's draft length after this run (it follows the
+                                     # acceptance measured): None where not known (remote)
 
 
 @dataclass(frozen=True)

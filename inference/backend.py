@@ -149,7 +149,7 @@ class LocalBackend(Backend):
             text="".join(pieces), token_ids=result.token_ids, finish_reason=reason,
             prompt_tokens=result.prompt_tokens, reused_tokens=result.reused_tokens,
             elapsed_s=result.elapsed_s, drafted_tokens=result.drafted_tokens,
-            accepted_tokens=result.accepted_tokens)
+            accepted_tokens=result.accepted_tokens, draft_length=self.engine.draft_tokens)
 
     def _nonblank(self, first_token_ids: list[int] | None, healed: bytes, line_before: str):
         """The first token's choices narrowed to tokens that do not end the line (and, after

@@ -394,6 +394,7 @@ class StableLMServer(LanguageServer):
                          "generatedTokens": len(result.token_ids),
                          "draftedTokens": result.drafted_tokens,
                          "acceptedTokens": result.accepted_tokens,
+                         "draftLength": result.draft_length,
                          "finishReason": result.finish_reason,
                          "elapsedMs": round(result.elapsed_s * 1000, 1),
                          "contextFiles": list(context_paths)}

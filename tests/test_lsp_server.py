@@ -113,6 +113,7 @@ async def test_inline_completion_equals_cli_generate(shared, model):
     assert run["promptTokens"] == cli_json["prompt_tokens"]
     assert run["generatedTokens"] == len(cli_json["token_ids"])
     assert 0 <= run["acceptedTokens"] <= run["draftedTokens"]
+    assert isinstance(run["draftLength"], int) and run["draftLength"] >= 0   # in process: known
 
 
 async def test_astral_characters_left_of_the_cursor_in_utf16_and_utf8(shared, model, tmp_path):

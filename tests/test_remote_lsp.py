@@ -122,6 +122,7 @@ async def test_completion_comes_from_the_engine_with_the_local_prompt(tmp_path, 
         assert body["cache_prompt"] is True and body["id_slot"] == 0 and "<file_sep>" in body["stop"]
         last = (await status(client))["lastRun"]
         assert last["promptTokens"] == len(prompt) and last["finishReason"] in ("eos", "stop")
+        assert last["draftLength"] is None          # the engine's own business
 
 
 async def test_typing_reuses_the_engines_cache(tmp_path, engines, tokenizer_dir):
