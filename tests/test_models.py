@@ -119,7 +119,10 @@ def test_weights_and_kv_caches_are_asked_onto_huge_pages(stablelm_checkpoint, mo
     if _thp_mode() in (None, "never"):
         pytest.skip(f"no transparent huge pages here (mode: {_thp_mode()})")
     assert not pages.advise_huge_pages(torch.empty(1000))     # smaller than one huge page
-    big = torch.empty(16 << 20, dtype=torch.uint8)
+    # above glibc's largest mmap threshold (32 MiB): fresh pages, never a reused part of the heap
+    # (pages already faulted in stay small: with a smaller tensor the suite's earlier tests
+    # decide whether the advice can take effect)
+    big = torch.empty(64 << 20, dtype=torch.uint8)
     assert pages.advise_huge_pages(big)
     big.fill_(1)                                               # faulted in after the advice
     assert pages.huge_page_bytes(big) > 0
