@@ -41,7 +41,7 @@ float32 for the one built here).
    configuration's figure is its median, and every ratio between two of them is paired: the
    median of the ratios of two runs in the same round (two replays of the same keystroke),
    taken seconds apart, so the VM's drift between rounds cancels. Each engine's draft length
-   (from its own measured pass costs) is printed beside it. Decode is also stated against the floor set by the
+   (from its own measured pass costs and the acceptance it measured) is printed beside it. Decode is also stated against the floor set by the
    machine's memory bandwidth (a large tensor copy): (weight bytes read per token + KV bytes
    read) / bandwidth.
 4. A StarCoder2-style checkpoint with a 256-token sliding window on a 4096-token prompt: the KV

@@ -92,15 +92,17 @@ static inline vf reduce8(const vf *a) {
 #endif
 
 /* Scores of one query against nb keys (rows D apart, float32 or float16), times scale, -inf
- * where the mask row says no: p[0..nb). With 8 lanes, 8 keys at a time (one load of each query
- * vector for 8 keys, one reduction tree for their 8 sums). */
-static inline __attribute__((always_inline)) void scores(const float *q, const void *k, long nb, long D,
-                                                         float scale, const unsigned char *mr, float *p,
-                                                         int half) {
+ * where the mask row says no: p[0..nb); returns their maximum. wide (several queries: bound by
+ * the arithmetic), with 8 lanes: 8 keys at a time (one load of each query vector for 8 keys, one
+ * reduction tree for their 8 sums); else (one query: bound by memory) key by key. */
+static inline __attribute__((always_inline)) float scores(const float *q, const void *k, long nb, long D,
+                                                          float scale, const unsigned char *mr, float *p,
+                                                          int half, int wide) {
     const long esize = half ? 2 : 4;
+    float bmax = -INFINITY;
     long j = 0;
 #if VL == 8
-    if (D % VL == 0)
+    if (wide && D % VL == 0)
         for (; j + 8 <= nb; j += 8) {
             vf a[8];
             for (int u = 0; u < 8; u++) a[u] = (vf){0};
@@ -117,10 +119,17 @@ static inline __attribute__((always_inline)) void scores(const float *q, const v
                 sv = vselect(keep, sv, minf);
             }
             *(vfu *)(p + j) = sv;
+            for (int u = 0; u < 8; u++) bmax = sv[u] > bmax ? sv[u] : bmax;
         }
+#else
+    (void)wide;
 #endif
-    for (; j < nb; j++)
-        p[j] = (mr && !mr[j]) ? -INFINITY : dot(q, (const char *)k + j * D * esize, D, half) * scale;
+    for (; j < nb; j++) {
+        float s = (mr && !mr[j]) ? -INFINITY : dot(q, (const char *)k + j * D * esize, D, half) * scale;
+        p[j] = s;
+        bmax = s > bmax ? s : bmax;
+    }
+    return bmax;
 }
 
 /* rows: queries (pointers into q and out), each with its position index t for the mask; k and v
@@ -141,18 +150,8 @@ static inline __attribute__((always_inline)) void attend(
         long nb = S - j0 < BK ? S - j0 : BK;
         for (int r = 0; r < rows; r++) {
             const unsigned char *mr = mask ? mask + ts[r] * S + j0 : NULL;
-            float bmax = -INFINITY;
-            if (rows > 1) {     /* compute-bound: 8 keys at a time (one query: memory-bound) */
-                scores(qs[r], (const char *)k + j0 * D * esize, nb, D, scale, mr, p[r], half);
-                for (long j = 0; j < nb; j++) bmax = p[r][j] > bmax ? p[r][j] : bmax;
-            } else {
-                for (long j = 0; j < nb; j++) {
-                    float s = (mr && !mr[j]) ? -INFINITY
-                              : dot(qs[r], (const char *)k + (j0 + j) * D * esize, D, half) * scale;
-                    p[r][j] = s;
-                    bmax = s > bmax ? s : bmax;
-                }
-            }
+            float bmax = scores(qs[r], (const char *)k + j0 * D * esize, nb, D, scale, mr, p[r], half,
+                                rows > 1);
             for (long j = nb; j < BK; j++) p[r][j] = -INFINITY;
             float mnew = bmax > m[r] ? bmax : m[r];
             if (mnew == -INFINITY) {          /* nothing attended yet */
