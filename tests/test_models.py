@@ -114,7 +114,7 @@ def _thp_mode() -> str | None:
 
 
 def test_weights_and_kv_caches_are_asked_onto_huge_pages(stablelm_checkpoint, monkeypatch):
-    from stablelm_lsp.models import checkpoint, pages
+    from stablelm_lsp.models import checkpoint, decoder, pages
 
     if _thp_mode() in (None, "never"):
         pytest.skip(f"no transparent huge pages here (mode: {_thp_mode()})")
@@ -135,8 +135,6 @@ def test_weights_and_kv_caches_are_asked_onto_huge_pages(stablelm_checkpoint, mo
     reference = load_model(stablelm_checkpoint, device="cpu", dtype="float32")
     for a, b in zip(loaded.model.parameters(), reference.model.parameters()):
         assert torch.equal(a, b)
-    from stablelm_lsp.models import decoder
-
     cached = []
     monkeypatch.setattr(decoder, "advise_huge_pages", lambda t: cached.append(t) or real(t))
     cache = loaded.model.new_cache(64)
