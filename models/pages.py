@@ -74,21 +74,39 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return madvise(start, end - start, _MADV_HUGEPAGE) == 0
 
 
-def huge_page_bytes(t: torch.Tensor) -> int | None:
-    """Bytes of the memory mapping holding `t` that are backed by huge pages now
-    (/proc/self/smaps' AnonHugePages; None where that cannot be read): for tests and benchmarks."""
+def _mapping(t: torch.Tensor) -> dict[str, str] | None:
+    """The /proc/self/smaps fields of the memory mapping holding the middle of `t`'s storage
+    (inside the advised part, if any); None where that cannot be read."""
     storage = t.untyped_storage()
-    address = storage.data_ptr() + storage.nbytes() // 2   # inside the advised part, if any
+    address = storage.data_ptr() + storage.nbytes() // 2
     try:
         with open("/proc/self/smaps") as f:
-            inside = False
+            fields = None
             for line in f:
-                head = line.split(maxsplit=1)[0]
-                if "-" in head and not head.endswith(":"):
+                head, _, rest = line.partition(" ")
+                if "-" in head and not head.endswith(":"):      # a mapping's first line
+                    if fields is not None:
+                        return fields
                     lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= address < hi
-                elif inside and head == "AnonHugePages:":
-                    return int(line.split()[1]) * 1024
+                    if lo <= address < hi:
+                        fields = {}
+                elif fields is not None:
+                    fields[head.rstrip(":")] = rest.strip()
+            return fields
     except OSError:
         return None
-    return None
+
+
+def huge_page_bytes(t: torch.Tensor) -> int | None:
+    """Bytes of the memory mapping holding `t` that are backed by huge pages now (AnonHugePages;
+    None where that cannot be read): what the kernel granted, for benchmarks. It may grant none
+    (memory too fragmented to find free huge pages, pages faulted in before the advice)."""
+    fields = _mapping(t)
+    return None if fields is None else int(fields.get("AnonHugePages", "0 kB").split()[0]) * 1024
+
+
+def advised(t: torch.Tensor) -> bool | None:
+    """Whether the mapping holding `t` carries the huge-page advice (VmFlags "hg"); None where
+    that cannot be read."""
+    fields = _mapping(t)
+    return None if fields is None else "hg" in fields.get("VmFlags", "").split()
